@@ -1,0 +1,76 @@
+"""Stage-wise freezing (facts §3): which of vision backbone, projector and LLM train in each stage.
+
+| stage | vision | projector | LLM |
+|---|---|---|---|
+| `vla-full-train` / `full-finetune` | train | train | train |
+| `vla-train` / `finetune` | frozen | train | train |
+| `vla-sandwich-train` | train | train | last layer only |
+| `vla-last-layer-train` / `last-layer-finetune` | frozen | frozen | last layer only |
+| `align` | frozen | train | frozen |
+
+"Last layer" = the LLM's input embeddings, final decoder layer and output head (the final norm stays frozen).
+"""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from vla_train.log import logger
+from vla_train.models.vlm import PrismaticVLM
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    vision: bool
+    projector: bool
+    llm: str  # "all", "last-layer" or "none"
+
+
+STAGES: dict[str, StagePlan] = {
+    "vla-full-train": StagePlan(True, True, "all"),
+    "full-finetune": StagePlan(True, True, "all"),
+    "vla-train": StagePlan(False, True, "all"),
+    "finetune": StagePlan(False, True, "all"),
+    "vla-sandwich-train": StagePlan(True, True, "last-layer"),
+    "vla-last-layer-train": StagePlan(False, False, "last-layer"),
+    "last-layer-finetune": StagePlan(False, False, "last-layer"),
+    "align": StagePlan(False, True, "none"),
+}
+
+
+def stage_from_flags(freeze_vision_backbone: bool, freeze_llm_backbone: bool, unfreeze_last_llm_layer: bool) -> str:
+    """The VLA stage a VLAConfig's freeze flags select (reference train.py step 9), with clear errors."""
+    if not freeze_llm_backbone:
+        if unfreeze_last_llm_layer:
+            raise ValueError("unfreeze_last_llm_layer=True only makes sense with freeze_llm_backbone=True.")
+        return "vla-train" if freeze_vision_backbone else "vla-full-train"
+    if not unfreeze_last_llm_layer:
+        raise ValueError("freeze_llm_backbone=True needs unfreeze_last_llm_layer=True (a VLA must train its LLM head).")
+    return "vla-last-layer-train" if freeze_vision_backbone else "vla-sandwich-train"
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; tied parameters count once."""
+    unique = {id(p): p for p in module.parameters()}.values()
+    return sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad)
+
+
+def freeze_backbones(vlm: PrismaticVLM, stage: str) -> None:
+    """Set `requires_grad` per stage, plus `trainable_module_keys` and `vision_backbone_requires_grad`."""
+    if stage not in STAGES:
+        raise ValueError(f"Unknown training stage {stage!r}; choose one of {sorted(STAGES)}.")
+    plan = STAGES[stage]
+    vlm.vision_backbone.requires_grad_(plan.vision)
+    vlm.projector.requires_grad_(plan.projector)
+    vlm.llm_backbone.requires_grad_(plan.llm == "all")
+    if plan.llm == "last-layer":
+        for module in vlm.llm_backbone.last_layer_finetune_modules:
+            module.requires_grad_(True)
+    vlm.vision_backbone_requires_grad = plan.vision
+    vlm.trainable_module_keys = [
+        key for key, trains in (("vision_backbone", plan.vision), ("projector", plan.projector),
+                                ("llm_backbone", plan.llm != "none")) if trains
+    ]
+    total, trainable = count_parameters(vlm)
+    logger.info("Stage %s: trainable modules %s; # parameters (in millions): %.3f total, %.3f trainable",
+                stage, vlm.trainable_module_keys, total / 1e6, trainable / 1e6)

@@ -1,0 +1,271 @@
+"""LLM backbones: Hugging Face causal LMs (Llama-2, Vicuna, Mistral, Phi-2, Qwen2.5) with their tokenizers.
+
+Each registry entry carries the published architecture, so a backbone builds from its config alone (random weights,
+or on the meta device for size checks), or from a local Hugging Face directory (weights loaded in FP32). Pad
+handling follows the reference: a tokenizer without a pad token gets one (`<PAD>` for Llama/Mistral, `<|pad|>` for
+Phi), and the embeddings grow to a multiple of 64 rows when the tokenizer outgrows them (32000 -> 32064 for Llama-2;
+embeddings are never shrunk, unlike the reference's unconditional resize).
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+from transformers.models.phi.modeling_phi import PhiDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+from vla_train.models.prompts import PromptBuilder, get_prompt_builder_class
+from vla_train.models.tokenizers import build_tiny_tokenizer
+
+PAD_TO_MULTIPLE_OF = 64
+
+
+@dataclass(frozen=True)
+class LLMFamily:
+    """The transformers classes of one architecture family."""
+
+    config_cls: type[PretrainedConfig]
+    model_cls: type[PreTrainedModel]
+    decoder_layer_cls: type[nn.Module]
+
+
+LLM_FAMILIES: dict[str, LLMFamily] = {
+    "llama": LLMFamily(LlamaConfig, LlamaForCausalLM, LlamaDecoderLayer),
+    "mistral": LLMFamily(MistralConfig, MistralForCausalLM, MistralDecoderLayer),
+    "phi": LLMFamily(PhiConfig, PhiForCausalLM, PhiDecoderLayer),
+    "qwen2": LLMFamily(Qwen2Config, Qwen2ForCausalLM, Qwen2DecoderLayer),
+}
+
+
+@dataclass(frozen=True)
+class LLMBackboneSpec:
+    """A registry entry. `tokenizer_len` is `len(tokenizer)` of the released tokenizer before pad/extra tokens."""
+
+    backbone_id: str
+    family: str
+    hf_hub_path: str | None
+    architecture: dict[str, Any]
+    prompt_builder: str
+    tokenizer_len: int
+    pad_token: str | None = None  # added when the tokenizer has no pad token
+    extra_tokens: int = 0  # MiniVLA "extra": add <|extra_i|> tokens and put the action bins on them
+    tiny_tokenizer_style: str | None = None  # project-built tokenizer (tiny test/demo backbones)
+    tokenizer_adds_bos: bool = True
+
+
+_LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_LLAMA2_13B = {**_LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+               "num_attention_heads": 40, "num_key_value_heads": 40}
+_MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                   rope_theta=10000.0, sliding_window=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_PHI_2 = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
+              num_key_value_heads=32, vocab_size=51200, max_position_embeddings=2048, partial_rotary_factor=0.4,
+              layer_norm_eps=1e-5, hidden_act="gelu_new", rope_theta=10000.0, bos_token_id=50256, eos_token_id=50256,
+              tie_word_embeddings=False)
+_QWEN25_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                    rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151643, tie_word_embeddings=True)
+_QWEN25_1_5B = {**_QWEN25_0_5B, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                "num_attention_heads": 12}
+_QWEN25_3B = {**_QWEN25_0_5B, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+              "num_attention_heads": 16}
+_QWEN25_7B = {**_QWEN25_0_5B, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+              "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False}
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=2048)
+
+
+def _llama(backbone_id: str, hub: str, arch: dict, prompt: str) -> LLMBackboneSpec:
+    return LLMBackboneSpec(backbone_id, "llama", hub, arch, prompt, tokenizer_len=32000, pad_token="<PAD>")
+
+
+def _qwen(backbone_id: str, hub: str, arch: dict, extra: int = 0) -> LLMBackboneSpec:
+    return LLMBackboneSpec(backbone_id, "qwen2", hub, arch, "qwen25-chat", tokenizer_len=151665, extra_tokens=extra,
+                           tokenizer_adds_bos=False)
+
+
+LLM_BACKBONES: dict[str, LLMBackboneSpec] = {
+    spec.backbone_id: spec
+    for spec in [
+        _llama("llama2-7b-pure", "meta-llama/Llama-2-7b-hf", _LLAMA2_7B, "pure"),
+        _llama("llama2-13b-pure", "meta-llama/Llama-2-13b-hf", _LLAMA2_13B, "pure"),
+        _llama("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", _LLAMA2_7B, "llama2-chat"),
+        _llama("llama2-13b-chat", "meta-llama/Llama-2-13b-chat-hf", _LLAMA2_13B, "llama2-chat"),
+        _llama("vicuna-v15-7b", "lmsys/vicuna-7b-v1.5", _LLAMA2_7B, "vicuna-v15"),
+        _llama("vicuna-v15-13b", "lmsys/vicuna-13b-v1.5", _LLAMA2_13B, "vicuna-v15"),
+        LLMBackboneSpec("mistral-v0.1-7b-pure", "mistral", "mistralai/Mistral-7B-v0.1", _MISTRAL_7B, "pure",
+                        tokenizer_len=32000, pad_token="<PAD>"),
+        LLMBackboneSpec("mistral-v0.1-7b-instruct", "mistral", "mistralai/Mistral-7B-Instruct-v0.1", _MISTRAL_7B,
+                        "mistral-instruct", tokenizer_len=32000, pad_token="<PAD>"),
+        LLMBackboneSpec("phi-2-3b", "phi", "microsoft/phi-2", _PHI_2, "phi", tokenizer_len=50295,
+                        pad_token="<|pad|>", tokenizer_adds_bos=False),
+        _qwen("qwen25-0_5b-pure", "Qwen/Qwen2.5-0.5B", _QWEN25_0_5B),
+        _qwen("qwen25-0_5b-extra", "Qwen/Qwen2.5-0.5B", _QWEN25_0_5B, extra=256),
+        _qwen("qwen25-1_5b-pure", "Qwen/Qwen2.5-1.5B", _QWEN25_1_5B),
+        _qwen("qwen25-3b-pure", "Qwen/Qwen2.5-3B", _QWEN25_3B),
+        _qwen("qwen25-7b-pure", "Qwen/Qwen2.5-7B", _QWEN25_7B),
+        # Tiny backbones for tests and the demo, with tokenizers this project builds.
+        LLMBackboneSpec("tiny-llama", "llama", None, {**_TINY, "vocab_size": 512, "bos_token_id": 1,
+                        "eos_token_id": 2, "tie_word_embeddings": False}, "pure", tokenizer_len=512,
+                        pad_token="<PAD>", tiny_tokenizer_style="llama"),
+        LLMBackboneSpec("tiny-qwen25", "qwen2", None, {**_TINY, "vocab_size": 576, "bos_token_id": 512,
+                        "eos_token_id": 512, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}, "qwen25-chat",
+                        tokenizer_len=515, tiny_tokenizer_style="qwen", tokenizer_adds_bos=False),
+    ]
+}
+
+
+def get_llm_backbone_spec(backbone_id: "str | LLMBackboneSpec") -> LLMBackboneSpec:
+    """Registry lookup; a spec passes through (tests use shrunken copies of registry entries)."""
+    if isinstance(backbone_id, LLMBackboneSpec):
+        return backbone_id
+    if backbone_id not in LLM_BACKBONES:
+        raise ValueError(f"Unknown LLM backbone {backbone_id!r}; registered: {sorted(LLM_BACKBONES)}.")
+    return LLM_BACKBONES[backbone_id]
+
+
+def padded_vocab_rows(current_rows: int, tokenizer_len: int) -> int:
+    """Rows the embedding needs: grow to a multiple of 64 when the tokenizer outgrows it; never shrink."""
+    needed = -(-tokenizer_len // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+    return max(current_rows, needed) if tokenizer_len > current_rows else current_rows
+
+
+def prepare_tokenizer(spec: LLMBackboneSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add the pad token and MiniVLA extra tokens a backbone expects (in place); right padding."""
+    if tokenizer.pad_token is None:
+        if spec.pad_token is None:
+            raise ValueError(f"Tokenizer of {spec.backbone_id!r} has no pad token and the registry names none.")
+        tokenizer.add_special_tokens({"pad_token": spec.pad_token})
+    if spec.extra_tokens and f"<|extra_{spec.extra_tokens - 1}|>" not in tokenizer.get_vocab():
+        added = tokenizer.add_tokens([f"<|extra_{i}|>" for i in range(spec.extra_tokens)])
+        if added != spec.extra_tokens:
+            raise ValueError(f"Added {added} of {spec.extra_tokens} extra tokens to the {spec.backbone_id} tokenizer.")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def find_local_tokenizer(spec: LLMBackboneSpec, llm_max_length: int) -> PreTrainedTokenizerBase | None:
+    """The backbone's tokenizer: built by the project for tiny backbones, else from the local HF cache (or None)."""
+    if spec.tiny_tokenizer_style is not None:
+        return build_tiny_tokenizer(spec.tiny_tokenizer_style, model_max_length=llm_max_length)
+    try:
+        return AutoTokenizer.from_pretrained(spec.hf_hub_path, model_max_length=llm_max_length, local_files_only=True)
+    except OSError:
+        return None
+
+
+class LLMBackbone(nn.Module):
+    """A causal LM (`self.llm`) plus its tokenizer, prompt format and FSDP / freezing metadata."""
+
+    def __init__(self, spec: LLMBackboneSpec, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
+                 llm_max_length: int = 2048, inference_mode: bool = False) -> None:
+        super().__init__()
+        self.spec, self.identifier, self.llm_max_length = spec, spec.backbone_id, llm_max_length
+        self.llm, self.tokenizer = llm, tokenizer
+        if tokenizer is not None:
+            prepare_tokenizer(spec, tokenizer)
+            self.llm.config.pad_token_id = tokenizer.pad_token_id
+            tokenizer_len = len(tokenizer)
+        else:  # built without its tokenizer (size checks): the pad token would be appended to the vocabulary
+            self.llm.config.pad_token_id = spec.tokenizer_len if spec.pad_token else self.llm.config.pad_token_id
+            tokenizer_len = spec.tokenizer_len + (1 if spec.pad_token else 0) + spec.extra_tokens
+        rows = self.llm.get_input_embeddings().weight.shape[0]
+        if padded_vocab_rows(rows, tokenizer_len) != rows:
+            self.llm.resize_token_embeddings(padded_vocab_rows(rows, tokenizer_len), mean_resizing=False)
+        self.llm.config.use_cache = inference_mode
+        if not inference_mode:
+            # Gradients reach the (possibly frozen) input embeddings' outputs, as checkpointed layers need.
+            self.llm.enable_input_require_grads()
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, backbone_id: str | LLMBackboneSpec, llm_max_length: int = 2048, inference_mode: bool = False,
+                    tokenizer: PreTrainedTokenizerBase | None = None,
+                    attn_implementation: str = "sdpa") -> "LLMBackbone":
+        """Random weights from the registry architecture (FP32); works under `torch.device("meta")`."""
+        spec = get_llm_backbone_spec(backbone_id)
+        family = LLM_FAMILIES[spec.family]
+        config = family.config_cls(**spec.architecture)
+        config._attn_implementation = attn_implementation
+        llm = family.model_cls(config).to(torch.float32)
+        tokenizer = tokenizer if tokenizer is not None else find_local_tokenizer(spec, llm_max_length)
+        return cls(spec, llm, tokenizer, llm_max_length, inference_mode)
+
+    @classmethod
+    def from_pretrained_dir(cls, backbone_id: str | LLMBackboneSpec, path: str | Path, llm_max_length: int = 2048,
+                            inference_mode: bool = False, attn_implementation: str = "sdpa") -> "LLMBackbone":
+        """Weights, config and tokenizer from a local Hugging Face directory, weights in FP32."""
+        spec, path = get_llm_backbone_spec(backbone_id), Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"No Hugging Face model at {path} (missing {path / 'config.json'}).")
+        family = LLM_FAMILIES[spec.family]
+        llm = family.model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=llm_max_length)
+        return cls(spec, llm, tokenizer, llm_max_length, inference_mode)
+
+    # --- metadata -----------------------------------------------------------------------------------------------
+    @property
+    def prompt_builder_fn(self) -> type[PromptBuilder]:
+        return get_prompt_builder_class(self.spec.prompt_builder)
+
+    @property
+    def transformer_layer_cls(self) -> type[nn.Module]:
+        """The decoder-layer class: the FSDP wrap and activation-checkpointing unit."""
+        return LLM_FAMILIES[self.spec.family].decoder_layer_cls
+
+    @property
+    def last_layer_finetune_modules(self) -> tuple[nn.Module, ...]:
+        """Input embeddings, final decoder layer and output head (the final norm stays frozen)."""
+        return (self.llm.model.embed_tokens, self.llm.model.layers[-1], self.llm.lm_head)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.llm.config.hidden_size
+
+    @property
+    def action_vocab_end(self) -> int:
+        """End (exclusive) of the id block the action bins use: the base vocabulary, or the MiniVLA extra tokens."""
+        if self.tokenizer is None:
+            raise ValueError(f"LLM backbone {self.identifier!r} was built without a tokenizer.")
+        if self.spec.extra_tokens:
+            return self.tokenizer.convert_tokens_to_ids(f"<|extra_{self.spec.extra_tokens - 1}|>") + 1
+        return self.tokenizer.vocab_size
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ValueError(f"LLM backbone {self.identifier!r} has no tokenizer: pass a local Hugging Face directory "
+                             f"holding {self.spec.hf_hub_path!r} (see README, 'Base VLMs').")
+        return self.tokenizer
+
+    def embed_input_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(input_ids)
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.llm(**kwargs)
+
+
+def shrink_architecture(spec: LLMBackboneSpec, **overrides: Any) -> LLMBackboneSpec:
+    """A copy of `spec` with a smaller architecture (tests build each family small)."""
+    return dataclasses.replace(spec, architecture={**spec.architecture, **overrides})

@@ -1,0 +1,209 @@
+"""Prismatic run directories: save and load a base VLM (or VLA) in the reference's layout, in FP32.
+
+Layout (facts §4.7): `run_dir/config.json` with a `"model"` section (`model_id`, `vision_backbone_id`,
+`llm_backbone_id`, `arch_specifier`, `image_resize_strategy`, `llm_max_length`), and
+`run_dir/checkpoints/latest-checkpoint.pt` holding `{"model": {"vision_backbone": sd, "projector": sd,
+"llm_backbone": sd}}`. `projector` and `llm_backbone` are required; a checkpoint without `vision_backbone` (the
+released Prismatic base VLMs) keeps the featurizers' pretrained timm weights, read from the local Hugging Face cache.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import draccus
+import timm
+import torch
+
+from vla_train.config.model import ModelConfig
+from vla_train.log import logger
+from vla_train.models.build import build_vlm, check_all_fp32
+from vla_train.models.openvla import NormStats
+from vla_train.models.vlm import ALL_MODULE_KEYS, PrismaticVLM
+
+CHECKPOINT_SUBDIR = "checkpoints"
+LATEST_CHECKPOINT = "latest-checkpoint.pt"
+REQUIRED_MODULE_KEYS = ("projector", "llm_backbone")
+MODEL_ID_KEYS = ("model_id", "vision_backbone_id", "llm_backbone_id", "arch_specifier", "image_resize_strategy")
+MODEL_ZOO_ENV = "VLA_TRAIN_MODEL_ZOO"
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` to a temporary file in the same directory, then rename: no half-written file at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def model_state_dicts(vlm: PrismaticVLM, module_keys: tuple[str, ...] = ALL_MODULE_KEYS) -> dict[str, dict]:
+    """`{"vision_backbone": sd, "projector": sd, "llm_backbone": sd}` as the reference checkpoint stores them."""
+    return {key: getattr(vlm, key).state_dict() for key in module_keys}
+
+
+def save_base_vlm(vlm: PrismaticVLM, model_cfg: ModelConfig, run_dir: str | Path) -> Path:
+    """Write `config.json` and `checkpoints/latest-checkpoint.pt` (all three modules); returns the checkpoint path."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CHECKPOINT_SUBDIR / LATEST_CHECKPOINT
+    atomic_torch_save({"model": model_state_dicts(vlm)}, ckpt)
+    config = {"model": {"type": model_cfg.model_id, **draccus.encode(model_cfg)}}
+    tmp = run_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, run_dir / "config.json")
+    return ckpt
+
+
+def read_model_config(run_dir: Path) -> ModelConfig:
+    """The ModelConfig recorded in `run_dir/config.json` (registered defaults, overridden by the file)."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"Not a Prismatic run directory: {config_path} does not exist.")
+    section = json.loads(config_path.read_text()).get("model")
+    if not isinstance(section, dict) or any(key not in section for key in MODEL_ID_KEYS):
+        raise ValueError(f"{config_path} needs a 'model' section with keys {list(MODEL_ID_KEYS)}.")
+    model_id = section["model_id"]
+    base = ModelConfig.get_choice_class(model_id)() if model_id in ModelConfig.get_known_choices() else None
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in section.items() if k in fields}
+    values.setdefault("llm_max_length", 2048)
+    return dataclasses.replace(base, **values) if base is not None else ModelConfig(**values)
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], name: str, source: Path) -> None:
+    """Strict load with errors naming the file, the key and both shapes."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{source}: '{name}' does not match the model: missing keys {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}.")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{source}: shape mismatch for '{name}.{key}': checkpoint {tuple(tensor.shape)}, "
+                             f"model {tuple(expected[key].shape)}.")
+    module.load_state_dict(state, strict=True)
+
+
+def load_pretrained_featurizers(vlm: PrismaticVLM, source: Path) -> None:
+    """Fill the vision featurizers with timm's pretrained weights from the local Hugging Face cache (no download)."""
+    vision = vlm.vision_backbone
+    if vision.identifier.startswith("tiny-"):
+        logger.warning("%s has no vision_backbone weights; tiny featurizers keep their seeded initialization.", source)
+        return
+    for key, spec in vision.spec.featurizers.items():
+        try:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            pretrained = timm.create_model(spec.timm_id, pretrained=True, num_classes=0,
+                                           img_size=vision.spec.image_size, **spec.overrides)
+        except Exception as error:  # timm raises several types for a cache miss
+            raise FileNotFoundError(
+                f"{source} holds no vision_backbone weights, and timm's pretrained weights for {spec.timm_id!r} are not "
+                f"in the local Hugging Face cache ({error}). Fix: download them once with "
+                f"`huggingface-cli download timm/{spec.timm_id}`, or load a checkpoint that includes vision_backbone."
+            ) from error
+        getattr(vision, vision.featurizer_name(key)).load_state_dict(pretrained.state_dict(), strict=True)
+
+
+def find_run_dir(model_id_or_path: str | Path, model_zoo_dir: str | Path | None = None) -> Path | None:
+    """A run directory path as given, or `<zoo>/<model_id>` in the model zoo (`$VLA_TRAIN_MODEL_ZOO`), or None."""
+    path = Path(model_id_or_path)
+    if path.is_dir():
+        return path
+    zoo = model_zoo_dir or os.environ.get(MODEL_ZOO_ENV)
+    if zoo is not None and (Path(zoo) / str(model_id_or_path)).is_dir():
+        return Path(zoo) / str(model_id_or_path)
+    return None
+
+
+def load_base_vlm(
+    model_id_or_path: str | Path,
+    *,
+    vla: bool = False,
+    norm_stats: NormStats | None = None,
+    llm_hf_dir: str | Path | None = None,
+    model_zoo_dir: str | Path | None = None,
+    inference_mode: bool = False,
+) -> PrismaticVLM:
+    """Load a base VLM in FP32 from a run directory, or from a registry id.
+
+    A registry id resolves to `<model_zoo_dir>/<id>` when that run directory exists; tiny ids build from their
+    seeded initialization; a full-size id without a local run directory is an error that says where to put one.
+    """
+    run_dir = find_run_dir(model_id_or_path, model_zoo_dir)
+    if run_dir is None:
+        model_id = str(model_id_or_path)
+        if model_id not in ModelConfig.get_known_choices():
+            raise FileNotFoundError(
+                f"{model_id!r} is neither a run directory nor a registered model id "
+                f"(registered: {sorted(ModelConfig.get_known_choices())}).")
+        model_cfg = ModelConfig.get_choice_class(model_id)()
+        if not model_cfg.llm_backbone_id.startswith("tiny-"):
+            raise FileNotFoundError(
+                f"No local run directory for {model_id!r}. Download its Prismatic checkpoint once (config.json and "
+                f"checkpoints/latest-checkpoint.pt) into <zoo>/{model_id}/ and pass model_zoo_dir or set "
+                f"${MODEL_ZOO_ENV}=<zoo>, or pass the run directory path.")
+        vlm = build_vlm(model_cfg, vla=vla, norm_stats=norm_stats, llm_hf_dir=llm_hf_dir,
+                        inference_mode=inference_mode)
+    else:
+        vlm = load_run_dir(run_dir, vla=vla, norm_stats=norm_stats, llm_hf_dir=llm_hf_dir,
+                           inference_mode=inference_mode)
+    check_all_fp32(vlm)
+    return vlm
+
+
+def load_run_dir(run_dir: Path, *, vla: bool = False, norm_stats: NormStats | None = None,
+                 llm_hf_dir: str | Path | None = None, inference_mode: bool = False,
+                 checkpoint: str | Path | None = None) -> PrismaticVLM:
+    """Build the run directory's model and load `checkpoint` (default: its latest-checkpoint.pt) in FP32."""
+    model_cfg = read_model_config(run_dir)
+    ckpt_path = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT_SUBDIR / LATEST_CHECKPOINT
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist (a run directory needs "
+                                f"{CHECKPOINT_SUBDIR}/{LATEST_CHECKPOINT}).")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{ckpt_path} is not a Prismatic checkpoint: expected a dict with a 'model' dict.")
+    modules = state["model"]
+    for key in REQUIRED_MODULE_KEYS:
+        if key not in modules:
+            raise ValueError(f"{ckpt_path} lacks the required key 'model.{key}' (has {sorted(modules)}).")
+    vlm = build_vlm(model_cfg, vla=vla, norm_stats=norm_stats, llm_hf_dir=llm_hf_dir, inference_mode=inference_mode)
+    for key in ALL_MODULE_KEYS:
+        if key in modules:
+            load_module_state(getattr(vlm, key), modules[key], key, ckpt_path)
+    if "vision_backbone" not in modules:
+        load_pretrained_featurizers(vlm, ckpt_path)
+    vlm.float()
+    logger.info("Loaded %s from %s", model_cfg.model_id, ckpt_path)
+    return vlm
+
+
+def make_base_vlm_run_dir(model_cfg: ModelConfig, run_dir: Path, *, llm_hf_dir: Path | None = None,
+                          init_seed: int = 7, overwrite: bool = False) -> Path:
+    """Build `model_cfg` in FP32, save it as a run directory, reload it and check the logits match exactly."""
+    ckpt = run_dir / CHECKPOINT_SUBDIR / LATEST_CHECKPOINT
+    if ckpt.exists() and not overwrite:
+        raise FileExistsError(f"{ckpt} exists; pass --overwrite true to replace it or choose another --run_dir.")
+    vlm = build_vlm(model_cfg, llm_hf_dir=llm_hf_dir, init_seed=init_seed)
+    save_base_vlm(vlm, model_cfg, run_dir)
+    reloaded = load_base_vlm(run_dir, llm_hf_dir=llm_hf_dir)
+    tokenizer = vlm.llm_backbone.get_tokenizer()
+    input_ids = torch.tensor([tokenizer("In: What action should the robot take to wave?\nOut: ").input_ids])
+    size = vlm.vision_backbone.spec.image_size
+    pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    pixel_values = {k: pixels for k in vlm.vision_backbone.keys} if vlm.vision_backbone.is_fused else pixels
+    with torch.no_grad():
+        same = torch.equal(vlm(input_ids=input_ids, pixel_values=pixel_values).logits,
+                           reloaded(input_ids=input_ids, pixel_values=pixel_values).logits)
+    if not same:
+        raise RuntimeError(f"Reloading {run_dir} did not reproduce the saved model's logits.")
+    total = sum(p.numel() for p in reloaded.parameters())
+    logger.info("Wrote base VLM %s to %s (%.3fM parameters, all FP32); reload reproduces its logits exactly.",
+                model_cfg.model_id, run_dir, total / 1e6)
+    return ckpt

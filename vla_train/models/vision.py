@@ -1,0 +1,187 @@
+"""Vision backbones: timm ViT featurizers (one, or two fused) returning patch features `[B, P, D]`.
+
+Every featurizer is built with `pretrained=False` (weights come from checkpoints, never from a download). Its forward
+returns the output of the second-to-last block, without the final norm and with prefix tokens (CLS, registers)
+removed, as the reference does. A fused backbone (DINO + SigLIP, DINO + CLIP) concatenates its featurizers' outputs
+on the feature dimension. Module names (`featurizer`, `dino_featurizer`, `siglip_featurizer`, `clip_featurizer`) are
+the reference checkpoint's keys.
+"""
+
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from vla_train.models.image_transforms import (
+    ImageTransform,
+    NormalizationConfig,
+    build_featurizer_transform,
+    validate_resize_strategy,
+)
+
+
+@dataclass(frozen=True)
+class FeaturizerSpec:
+    """One timm ViT: its timm id, extra constructor arguments, and whether it resizes without cropping."""
+
+    timm_id: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    resize_shorter_side_to_size: bool = False  # the reference's SigLIP / IN1K "do not crop" fix
+
+
+@dataclass(frozen=True)
+class VisionBackboneSpec:
+    """A registry entry: image size S and named featurizers (`""` for a single one, else e.g. dino/siglip)."""
+
+    backbone_id: str
+    image_size: int
+    featurizers: dict[str, FeaturizerSpec]
+
+
+_DINO = FeaturizerSpec("vit_large_patch14_reg4_dinov2.lvd142m")
+_QUICK_GELU = {"act_layer": "quick_gelu"}
+
+
+def _siglip(timm_id: str) -> FeaturizerSpec:
+    return FeaturizerSpec(timm_id, resize_shorter_side_to_size=True)
+
+
+def _tiny(timm_id: str, no_crop: bool) -> FeaturizerSpec:
+    overrides = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2, "mlp_ratio": 2.0}
+    return FeaturizerSpec(timm_id, overrides=overrides, resize_shorter_side_to_size=no_crop)
+
+
+VISION_BACKBONES: dict[str, VisionBackboneSpec] = {
+    spec.backbone_id: spec
+    for spec in [
+        VisionBackboneSpec("clip-vit-b", 224, {"": FeaturizerSpec("vit_base_patch16_clip_224.openai", _QUICK_GELU)}),
+        VisionBackboneSpec("clip-vit-l", 224, {"": FeaturizerSpec("vit_large_patch14_clip_224.openai", _QUICK_GELU)}),
+        VisionBackboneSpec(
+            "clip-vit-l-336px", 336, {"": FeaturizerSpec("vit_large_patch14_clip_336.openai", _QUICK_GELU)}
+        ),
+        VisionBackboneSpec("siglip-vit-so400m", 224, {"": _siglip("vit_so400m_patch14_siglip_224")}),
+        VisionBackboneSpec("siglip-vit-so400m-384px", 384, {"": _siglip("vit_so400m_patch14_siglip_384")}),
+        VisionBackboneSpec("siglip-vit-b16-224px", 224, {"": _siglip("vit_base_patch16_siglip_224")}),
+        VisionBackboneSpec("siglip-vit-b16-256px", 256, {"": _siglip("vit_base_patch16_siglip_256")}),
+        VisionBackboneSpec("siglip-vit-b16-384px", 384, {"": _siglip("vit_base_patch16_siglip_384")}),
+        VisionBackboneSpec("dinov2-vit-l", 224, {"": _DINO}),
+        VisionBackboneSpec(
+            "in1k-vit-l", 224, {"": FeaturizerSpec("vit_large_patch16_224.augreg_in21k_ft_in1k", {}, True)}
+        ),
+        VisionBackboneSpec(
+            "dinosiglip-vit-so-224px", 224, {"dino": _DINO, "siglip": _siglip("vit_so400m_patch14_siglip_224")}
+        ),
+        VisionBackboneSpec(
+            "dinosiglip-vit-so-384px", 384, {"dino": _DINO, "siglip": _siglip("vit_so400m_patch14_siglip_384")}
+        ),
+        VisionBackboneSpec(
+            "dinoclip-vit-l-336px",
+            336,
+            {"dino": _DINO, "clip": FeaturizerSpec("vit_large_patch14_clip_336.openai", _QUICK_GELU)},
+        ),
+        # Tiny backbones for tests and the demo: a few blocks at 64 px, 8 px patches (64 patches).
+        VisionBackboneSpec("tiny-siglip-vit", 64, {"": _tiny("vit_so400m_patch14_siglip_224", no_crop=True)}),
+        VisionBackboneSpec(
+            "tiny-dinosiglip-vit",
+            64,
+            {
+                "dino": _tiny("vit_large_patch14_reg4_dinov2.lvd142m", no_crop=False),
+                "siglip": _tiny("vit_so400m_patch14_siglip_224", no_crop=True),
+            },
+        ),
+    ]
+}
+
+
+def get_vision_backbone_spec(backbone_id: str) -> VisionBackboneSpec:
+    if backbone_id not in VISION_BACKBONES:
+        raise ValueError(f"Unknown vision backbone {backbone_id!r}; registered: {sorted(VISION_BACKBONES)}.")
+    return VISION_BACKBONES[backbone_id]
+
+
+def _penultimate_block_forward(self: VisionTransformer, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`[B, 3, S, S]` -> `[B, P, D]`: output of block `depth - 2`, no final norm, prefix tokens removed."""
+    (features,) = self.get_intermediate_layers(pixel_values, n=[len(self.blocks) - 2])
+    return features
+
+
+def build_featurizer(spec: FeaturizerSpec, image_size: int) -> VisionTransformer:
+    """A timm ViT (`pretrained=False`, no head) whose `forward` returns penultimate-block patch features.
+
+    `forward` itself is replaced (not a wrapper method) so that FSDP and hooks see the real computation.
+    """
+    model = timm.create_model(spec.timm_id, pretrained=False, num_classes=0, img_size=image_size, **spec.overrides)
+    if len(model.blocks) < 2:
+        raise ValueError(f"Featurizer {spec.timm_id!r} needs at least 2 blocks, has {len(model.blocks)}.")
+    model.forward = types.MethodType(_penultimate_block_forward, model)
+    return model.eval()
+
+
+def _normalization_config(model: VisionTransformer, image_size: int) -> NormalizationConfig:
+    data_config = timm.data.resolve_model_data_config(model)
+    return NormalizationConfig(
+        image_size=image_size,
+        interpolation=data_config["interpolation"],
+        crop_pct=float(data_config["crop_pct"]),
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+    )
+
+
+class VisionBackbone(nn.Module):
+    """One or more ViT featurizers; `forward(pixel_values) -> [B, P, sum(D_i)]`.
+
+    `pixel_values` is `[B, 3, S, S]` for one featurizer, or a dict `{key: [B, 3, S, S]}` for fused backbones.
+    """
+
+    fsdp_unit_classes: tuple[type[nn.Module], ...] = (Block,)  # activation-checkpointing / FSDP unit
+
+    def __init__(self, backbone_id: str, image_resize_strategy: str) -> None:
+        super().__init__()
+        self.spec = get_vision_backbone_spec(backbone_id)
+        self.identifier, self.image_resize_strategy = backbone_id, validate_resize_strategy(image_resize_strategy)
+        self.keys = tuple(self.spec.featurizers)
+        self.is_fused = len(self.keys) > 1
+        transforms, dims, patches = [], [], set()
+        for key, featurizer_spec in self.spec.featurizers.items():
+            model = build_featurizer(featurizer_spec, self.spec.image_size)
+            self.add_module(self.featurizer_name(key), model)
+            norm = _normalization_config(model, self.spec.image_size)
+            transforms.append(
+                build_featurizer_transform(norm, image_resize_strategy, featurizer_spec.resize_shorter_side_to_size)
+            )
+            dims.append(model.embed_dim)
+            patches.add(model.patch_embed.num_patches)
+        if len(patches) != 1:
+            raise ValueError(f"Fused featurizers of {backbone_id!r} disagree on the patch count: {sorted(patches)}.")
+        self.embed_dim, self.num_patches = sum(dims), patches.pop()
+        self.image_transform = ImageTransform(self.keys, transforms)
+
+    @staticmethod
+    def featurizer_name(key: str) -> str:
+        return f"{key}_featurizer" if key else "featurizer"
+
+    @property
+    def featurizers(self) -> list[VisionTransformer]:
+        return [getattr(self, self.featurizer_name(key)) for key in self.keys]
+
+    @property
+    def default_image_resolution(self) -> tuple[int, int, int]:
+        return (3, self.spec.image_size, self.spec.image_size)
+
+    def get_image_transform(self) -> ImageTransform:
+        return self.image_transform
+
+    def forward(self, pixel_values: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.is_fused:
+            if isinstance(pixel_values, dict):
+                raise ValueError(f"{self.identifier} takes one pixel tensor, got a dict with {sorted(pixel_values)}.")
+            return self.featurizer(pixel_values)
+        if not isinstance(pixel_values, dict) or set(pixel_values) != set(self.keys):
+            got = sorted(pixel_values) if isinstance(pixel_values, dict) else type(pixel_values).__name__
+            raise ValueError(f"{self.identifier} takes pixel values {{{', '.join(self.keys)}}}, got {got}.")
+        return torch.cat([f(pixel_values[k]) for k, f in zip(self.keys, self.featurizers, strict=True)], dim=2)
