@@ -1,5 +1,9 @@
 """Shared fixtures. `vla_train` is imported first: it fixes the torch/torchvision/timm-before-tensorflow order."""
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+
 import vla_train  # noqa: F401  (must precede any tensorflow import)
 
 # isort: split

@@ -50,9 +50,9 @@ def stage_from_flags(freeze_vision_backbone: bool, freeze_llm_backbone: bool, un
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts; tied parameters count once."""
-    unique = {id(p): p for p in module.parameters()}.values()
-    return sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad)
+    """(total, trainable) parameter counts; tied parameters count once (`parameters()` de-duplicates)."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def freeze_backbones(vlm: PrismaticVLM, stage: str) -> None:
