@@ -5,6 +5,7 @@ import torch
 
 from tests.conftest import TINY_MODEL_IDS, batch_pixels, build_tiny
 from vla_train.config.model import get_model_config
+from vla_train.models.build import build_vlm
 from vla_train.models.run_dir import (
     load_base_vlm,
     load_run_dir,
@@ -144,3 +145,13 @@ def test_load_specific_checkpoint_as_vla(tmp_path, rgb_image):
     (tmp_path / "checkpoints" / "latest-checkpoint.pt").rename(other)
     loaded = load_run_dir(tmp_path, vla=True, norm_stats=NORM_STATS, checkpoint=other)
     assert loaded.predict_action(rgb_image, "wave").shape == (7,)
+
+
+def test_full_size_checkpoint_without_vision_weights_names_the_download(tmp_path, monkeypatch):
+    import vla_train.models.run_dir as run_dir_module
+
+    with torch.device("meta"):
+        vlm = build_vlm(get_model_config("siglip-224px+7b"))
+    monkeypatch.setattr(run_dir_module, "try_to_load_from_cache", lambda repo, filename: None)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download timm/vit_so400m_patch14_siglip_224.webli"):
+        run_dir_module.load_pretrained_featurizers(vlm, tmp_path / "ckpt.pt")

@@ -141,3 +141,10 @@ def test_registry_covers_reference_ids():
     reference_ids = {"siglip-vit-so400m", "dinov2-vit-l", "dinosiglip-vit-so-224px", "clip-vit-l", "clip-vit-l-336px",
                      "in1k-vit-l", "siglip-vit-so400m-384px", "dinosiglip-vit-so-384px", "dinoclip-vit-l-336px"}
     assert reference_ids <= set(VISION_BACKBONES)
+
+
+def test_siglip_featurizers_pin_the_reference_weights_tag():
+    # timm 1.0 defaults these architectures to SigLIP-2 weights; the reference trained on the original WebLI ones.
+    for backbone_id in ("siglip-vit-so400m", "siglip-vit-so400m-384px", "dinosiglip-vit-so-224px"):
+        specs = VISION_BACKBONES[backbone_id].featurizers
+        assert all(s.timm_id.endswith((".webli", ".lvd142m")) for s in specs.values()), backbone_id

@@ -16,6 +16,7 @@ from typing import Any
 import draccus
 import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
 
 from vla_train.config.model import ModelConfig
 from vla_train.log import logger
@@ -97,16 +98,16 @@ def load_pretrained_featurizers(vlm: PrismaticVLM, source: Path) -> None:
         logger.warning("%s has no vision_backbone weights; tiny featurizers keep their seeded initialization.", source)
         return
     for key, spec in vision.spec.featurizers.items():
-        try:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            pretrained = timm.create_model(spec.timm_id, pretrained=True, num_classes=0,
-                                           img_size=vision.spec.image_size, **spec.overrides)
-        except Exception as error:  # timm raises several types for a cache miss
+        pretrained_cfg = timm.models.get_pretrained_cfg(spec.timm_id)
+        filename = pretrained_cfg.hf_hub_filename or "model.safetensors"
+        cached = try_to_load_from_cache(pretrained_cfg.hf_hub_id, filename)
+        if not isinstance(cached, str):
             raise FileNotFoundError(
                 f"{source} holds no vision_backbone weights, and timm's pretrained weights for {spec.timm_id!r} are not "
-                f"in the local Hugging Face cache ({error}). Fix: download them once with "
-                f"`huggingface-cli download timm/{spec.timm_id}`, or load a checkpoint that includes vision_backbone."
-            ) from error
+                f"in the local Hugging Face cache. Fix: `huggingface-cli download {pretrained_cfg.hf_hub_id} "
+                f"{filename}` once, or load a checkpoint that includes vision_backbone.")
+        pretrained = timm.create_model(spec.timm_id, pretrained=True, pretrained_cfg_overlay={"file": cached},
+                                       num_classes=0, img_size=vision.spec.image_size, **spec.overrides)
         getattr(vision, vision.featurizer_name(key)).load_state_dict(pretrained.state_dict(), strict=True)
 
 

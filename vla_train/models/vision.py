@@ -42,6 +42,8 @@ class VisionBackboneSpec:
     featurizers: dict[str, FeaturizerSpec]
 
 
+# timm ids carry their pretrained tag: the reference trained with these weights (timm 1.0 would otherwise default
+# SigLIP to its v2 weights).
 _DINO = FeaturizerSpec("vit_large_patch14_reg4_dinov2.lvd142m")
 _QUICK_GELU = {"act_layer": "quick_gelu"}
 
@@ -63,20 +65,20 @@ VISION_BACKBONES: dict[str, VisionBackboneSpec] = {
         VisionBackboneSpec(
             "clip-vit-l-336px", 336, {"": FeaturizerSpec("vit_large_patch14_clip_336.openai", _QUICK_GELU)}
         ),
-        VisionBackboneSpec("siglip-vit-so400m", 224, {"": _siglip("vit_so400m_patch14_siglip_224")}),
-        VisionBackboneSpec("siglip-vit-so400m-384px", 384, {"": _siglip("vit_so400m_patch14_siglip_384")}),
-        VisionBackboneSpec("siglip-vit-b16-224px", 224, {"": _siglip("vit_base_patch16_siglip_224")}),
-        VisionBackboneSpec("siglip-vit-b16-256px", 256, {"": _siglip("vit_base_patch16_siglip_256")}),
-        VisionBackboneSpec("siglip-vit-b16-384px", 384, {"": _siglip("vit_base_patch16_siglip_384")}),
+        VisionBackboneSpec("siglip-vit-so400m", 224, {"": _siglip("vit_so400m_patch14_siglip_224.webli")}),
+        VisionBackboneSpec("siglip-vit-so400m-384px", 384, {"": _siglip("vit_so400m_patch14_siglip_384.webli")}),
+        VisionBackboneSpec("siglip-vit-b16-224px", 224, {"": _siglip("vit_base_patch16_siglip_224.webli")}),
+        VisionBackboneSpec("siglip-vit-b16-256px", 256, {"": _siglip("vit_base_patch16_siglip_256.webli")}),
+        VisionBackboneSpec("siglip-vit-b16-384px", 384, {"": _siglip("vit_base_patch16_siglip_384.webli")}),
         VisionBackboneSpec("dinov2-vit-l", 224, {"": _DINO}),
         VisionBackboneSpec(
             "in1k-vit-l", 224, {"": FeaturizerSpec("vit_large_patch16_224.augreg_in21k_ft_in1k", {}, True)}
         ),
         VisionBackboneSpec(
-            "dinosiglip-vit-so-224px", 224, {"dino": _DINO, "siglip": _siglip("vit_so400m_patch14_siglip_224")}
+            "dinosiglip-vit-so-224px", 224, {"dino": _DINO, "siglip": _siglip("vit_so400m_patch14_siglip_224.webli")}
         ),
         VisionBackboneSpec(
-            "dinosiglip-vit-so-384px", 384, {"dino": _DINO, "siglip": _siglip("vit_so400m_patch14_siglip_384")}
+            "dinosiglip-vit-so-384px", 384, {"dino": _DINO, "siglip": _siglip("vit_so400m_patch14_siglip_384.webli")}
         ),
         VisionBackboneSpec(
             "dinoclip-vit-l-336px",
