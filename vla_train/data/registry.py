@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from vla_train.data.standardize import load_all_transforms
+from vla_train.data.standardize import FRAME_FILTERS, load_all_transforms
 
 DEFAULT_REGISTRY_DIR = Path(__file__).resolve().parents[2] / "rlds_mixtures"
 CAMERA_VIEWS = ("primary", "secondary", "wrist")
@@ -26,7 +26,6 @@ ACTION_ENCODINGS: dict[str, tuple[int | None, bool]] = {
     "JOINT_POS": (8, False),
     "JOINT_POS_BIMANUAL": (14, False),
 }
-FRAME_FILTERS = ("droid_zero_action",)
 _DATASET_KEYS = {"image_obs_keys", "depth_obs_keys", "state_obs_keys", "state_encoding", "action_encoding",
                  "standardize", "frame_filter", "version", "action_dim"}
 
@@ -116,7 +115,7 @@ def _parse_dataset(source: Path, name: str, raw: Any, transforms: set[str]) -> D
                                   f"vla_train/data/standardize/ (known: {len(transforms)}).")
     frame_filter = raw.get("frame_filter")
     if frame_filter is not None and frame_filter not in FRAME_FILTERS:
-        raise _fail(source, name, f"unknown frame_filter {frame_filter!r}; choose {list(FRAME_FILTERS)}.")
+        raise _fail(source, name, f"unknown frame_filter {frame_filter!r}; registered: {sorted(FRAME_FILTERS)}.")
     action_dim = raw.get("action_dim", ACTION_ENCODINGS[action_encoding][0])
     if not isinstance(action_dim, int) or action_dim < 2:
         raise _fail(source, name, f"action_dim must be an integer >= 2, got {action_dim!r}.")

@@ -19,7 +19,10 @@ from typing import Any
 Trajectory = dict[str, Any]
 StandardizeFn = Callable[[Trajectory], Trajectory]
 
+FrameFilterFn = Callable[[dict[str, Any]], Any]  # frame -> scalar tf.bool (keep the frame)
+
 STANDARDIZE_TRANSFORMS: dict[str, StandardizeFn] = {}
+FRAME_FILTERS: dict[str, FrameFilterFn] = {}
 _loaded = False
 
 
@@ -36,6 +39,18 @@ def register(*names: str) -> Callable[[StandardizeFn], StandardizeFn]:
     return decorator
 
 
+def register_frame_filter(name: str) -> Callable[[FrameFilterFn], FrameFilterFn]:
+    """Register a per-dataset frame filter (applied to flattened frames, after normalization)."""
+
+    def decorator(fn: FrameFilterFn) -> FrameFilterFn:
+        if name in FRAME_FILTERS and FRAME_FILTERS[name] is not fn:
+            raise ValueError(f"Frame filter {name!r} is registered twice.")
+        FRAME_FILTERS[name] = fn
+        return fn
+
+    return decorator
+
+
 def load_all_transforms() -> dict[str, StandardizeFn]:
     """Import every module of this package (each registers its transforms) and return the registry."""
     global _loaded
@@ -44,6 +59,13 @@ def load_all_transforms() -> dict[str, StandardizeFn]:
             importlib.import_module(f"{__name__}.{module.name}")
         _loaded = True
     return STANDARDIZE_TRANSFORMS
+
+
+def get_frame_filter(name: str) -> FrameFilterFn:
+    load_all_transforms()
+    if name not in FRAME_FILTERS:
+        raise ValueError(f"Unknown frame filter {name!r}; registered: {sorted(FRAME_FILTERS)}.")
+    return FRAME_FILTERS[name]
 
 
 def get_standardize_transform(name: str) -> StandardizeFn:
