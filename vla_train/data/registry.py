@@ -3,10 +3,12 @@
 `rlds_mixtures/datasets/*.yaml` hold `datasets: {name: entry}`; `rlds_mixtures/mixtures.yaml` holds
 `mixtures: {name: [[dataset, weight], ...]}`. A user adds a dataset or mixture by adding YAML (also in their own
 directory, passed as an extra registry directory), not code. Validation runs on load and every error names the file
-and the entry. Duplicate dataset names across files, and duplicate datasets inside a mixture, keep the first and warn.
+and the entry. Duplicate dataset names across files, duplicate datasets inside a mixture, and any key repeated inside
+one YAML mapping keep the first and warn.
 """
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +103,8 @@ def _parse_dataset(source: Path, name: str, raw: Any, transforms: set[str]) -> D
     views: dict[str, dict[str, str | None]] = {}
     for key in ("image_obs_keys", "depth_obs_keys"):
         mapping = raw.get(key) or {}
-        if not isinstance(mapping, dict) or set(mapping) - set(CAMERA_VIEWS):
+        if (not isinstance(mapping, dict) or set(mapping) - set(CAMERA_VIEWS)
+                or not all(value is None or isinstance(value, str) for value in mapping.values())):
             raise _fail(source, name, f"{key} must map camera views {list(CAMERA_VIEWS)} to keys or null.")
         views[key] = {view: mapping.get(view) for view in CAMERA_VIEWS}
     action_encoding, state_encoding = raw.get("action_encoding"), raw.get("state_encoding", "NONE")
@@ -120,7 +123,7 @@ def _parse_dataset(source: Path, name: str, raw: Any, transforms: set[str]) -> D
     if not isinstance(action_dim, int) or action_dim < 2:
         raise _fail(source, name, f"action_dim must be an integer >= 2, got {action_dim!r}.")
     state_keys = raw.get("state_obs_keys") or []
-    if not isinstance(state_keys, list):
+    if not isinstance(state_keys, list) or not all(key is None or isinstance(key, str) for key in state_keys):
         raise _fail(source, name, "state_obs_keys must be a list of observation keys (null pads one zero column).")
     return DatasetSpec(name=name, image_obs_keys=views["image_obs_keys"], depth_obs_keys=views["depth_obs_keys"],
                        state_obs_keys=tuple(state_keys), state_encoding=state_encoding,
@@ -139,9 +142,9 @@ def _parse_mixture(source: Path, name: str, raw: Any, datasets: dict[str, Datase
         if not isinstance(item, list | tuple) or len(item) != 2:
             raise _fail(source, name, f"expected a [dataset, weight] pair, got {item!r}.")
         dataset, weight = item
-        if dataset not in datasets:
+        if not isinstance(dataset, str) or dataset not in datasets:
             raise _fail(source, name, f"unknown dataset {dataset!r}; define it under rlds_mixtures/datasets/.")
-        if not isinstance(weight, int | float) or isinstance(weight, bool) or not weight > 0:
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight < math.inf:
             raise _fail(source, name, f"weight of {dataset!r} must be a positive number, got {weight!r}.")
         encoding = datasets[dataset].action_encoding
         if not ACTION_ENCODINGS[encoding][1]:
@@ -155,11 +158,40 @@ def _parse_mixture(source: Path, name: str, raw: Any, datasets: dict[str, Datase
     return MixtureSpec(name=name, entries=tuple(entries), source=str(source))
 
 
+class _FirstKeyLoader(yaml.SafeLoader):
+    """SafeLoader keeping the first of repeated mapping keys, with a warning (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping_keep_first(loader: _FirstKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            repeated = key in mapping
+        except TypeError as error:
+            raise yaml.constructor.ConstructorError(None, None, f"unhashable key {key!r}",
+                                                    key_node.start_mark) from error
+        if repeated:
+            warnings.warn(f"{loader.name}: line {key_node.start_mark.line + 1}: {key!r} is repeated in the same "
+                          f"mapping; keeping the first.", stacklevel=2)
+            continue
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_FirstKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_keep_first)
+
+
 def _read_yaml(path: Path, top_key: str) -> dict[str, Any]:
     try:
-        content = yaml.safe_load(path.read_text()) or {}
+        with path.open() as stream:
+            content = yaml.load(stream, Loader=_FirstKeyLoader) or {}  # a SafeLoader subclass
     except yaml.YAMLError as error:
         raise RegistryError(f"{path}: not valid YAML ({error}).") from error
+    if isinstance(content, dict) and set(content) - {top_key}:
+        raise RegistryError(f"{path}: unknown top-level keys {sorted(map(str, set(content) - {top_key}))}; "
+                            f"expected only '{top_key}:'.")
     section = content.get(top_key, {}) if isinstance(content, dict) else None
     if not isinstance(section, dict):
         raise RegistryError(f"{path}: expected a top-level mapping '{top_key}: {{name: entry}}'.")

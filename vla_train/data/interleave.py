@@ -1,0 +1,256 @@
+"""The RLDS mixture pipeline: per-dataset streams -> weighted interleave -> frame shuffle -> decode/resize/augment.
+
+Per dataset (each rank reads its own disjoint shard): read episodes (images encoded) -> repeat (train) -> standardize
+and restructure -> normalize -> trajectory filters and chunking -> flatten to frames -> frame filters. Then the
+datasets are interleaved by weight (`balance_weights` multiplies weights by dataset sizes), frames are shuffled with
+still-encoded images (bounded memory), and only then decoded, resized and augmented.
+
+Every random op is seeded from `(seed, rank, world_size)`. With `deterministic=True` the stream is a pure function of
+those and of the position, which is what exact resume uses (`skip_frames`).
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vla_train.data import trajectory as traj_ops
+from vla_train.data.frames import REFERENCE_AUGMENTATION, augment_frame, decode_frame_images
+from vla_train.data.normalize import normalize_tf
+from vla_train.data.registry import DatasetSpec, Registry, load_registry
+from vla_train.data.rlds import Restructure, find_dataset_dir, open_builder, read_trajectories, split_for
+from vla_train.data.standardize import get_frame_filter
+from vla_train.data.statistics import compute_statistics, load_or_compute_statistics, statistics_fingerprint
+from vla_train.data.tf_setup import tf
+from vla_train.log import logger
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What to stream and how; defaults are the reference's VLA settings."""
+
+    data_root_dir: Path
+    data_mix: str  # a mixture or dataset name from the registry
+    resize_resolution: tuple[int, int] = (224, 224)  # (H, W) of decoded images
+    train: bool = True  # train split, infinite stream; else a single pass over the held-out split
+    shuffle_buffer_size: int = 256_000  # frames, per rank, images still encoded
+    image_aug: bool = False
+    augmentation: dict[str, Any] = field(default_factory=lambda: REFERENCE_AUGMENTATION)
+    camera_views: tuple[str, ...] = ("primary",)
+    load_proprio: bool = False
+    window_size: int = 1
+    future_action_window_size: int = 0
+    skip_unlabeled: bool = True
+    max_action: float | None = None
+    goal_relabeling: str | None = None  # "uniform" or None (the reference always relabels; nothing uses it)
+    subsample_length: int | None = None
+    balance_weights: bool = True
+    normalization: str = "bounds_q99"
+    drop_nonfinite: bool = False  # drop trajectories with NaN/inf actions instead of failing
+    seed: int = 7
+    rank: int = 0
+    world_size: int = 1
+    deterministic: bool = False  # ordered parallelism: the stream is a pure function of seeds and position
+    registry_dirs: tuple[Path, ...] = ()  # extra YAML registry directories
+    traj_transform_threads: int | None = None  # total across datasets; None = autotune
+    traj_read_threads: int | None = None
+
+
+@dataclass
+class MixturePlan:
+    """Resolved mixture: specs, sampling weights, sizes, statistics (with masks), length and thread allocation."""
+
+    specs: list[DatasetSpec]
+    dataset_dirs: list[Path]
+    weights: list[float]
+    dataset_sizes: list[int]
+    statistics: dict[str, dict[str, Any]]
+    dataset_length: int
+    transform_threads: list[int | None]
+    read_threads: list[int | None]
+
+
+def allocate_threads(total: int | None, weights: list[float]) -> list[int | None]:
+    """Split `total` threads by weight: datasets whose share is below one thread get exactly one, the others split the
+    rest proportionally (floors first, leftovers to the largest fractions). `None` means autotune for every dataset."""
+    if total is None:
+        return [None] * len(weights)
+    share = np.asarray(weights, dtype=np.float64)
+    if total < int((share > 0).sum()):
+        raise ValueError(f"{total} threads cannot give each of {int((share > 0).sum())} datasets one.")
+    allocation, remaining = np.zeros(len(share), dtype=int), total
+    while True:
+        starved = (share > 0) & (share / share.sum() * remaining < 1)
+        if not starved.any():
+            break
+        allocation += starved
+        remaining -= int(starved.sum())
+        share = np.where(starved, 0.0, share)
+    if share.sum() > 0:
+        exact = share / share.sum() * remaining
+        allocation += np.floor(exact).astype(int)
+        leftover = remaining - int(np.floor(exact).sum())
+        for index in np.argsort(-(exact - np.floor(exact)))[:leftover]:
+            allocation[index] += 1
+    return [int(a) for a in allocation]
+
+
+def dataset_length(sizes: list[int], raw_weights: list[float], weights: list[float]) -> int:
+    """Frames until every primary dataset (raw weight 1.0; all when none is) is seen about once (reference formula)."""
+    primary = [i for i, w in enumerate(raw_weights) if w == 1.0] or list(range(len(sizes)))
+    return int(max(sizes[i] / weights[i] for i in primary))
+
+
+def _rank_seed(cfg: PipelineConfig, *salt: int) -> int:
+    return int(np.random.SeedSequence([cfg.seed, cfg.rank, cfg.world_size, *salt]).generate_state(1, np.uint32)[0])
+
+
+def _statistics_source(builder, spec: DatasetSpec, split: str, dataset_dir: Path, drop_nonfinite: bool):
+    restructure = Restructure(spec, camera_views=(), load_proprio=True)
+
+    def compute() -> dict[str, Any]:
+        trajectories = read_trajectories(builder, split, shuffle_files=False, seed=0).map(restructure).map(
+            lambda t: {"action": t["action"], "proprio": t["observation"]["proprio"]})
+        if drop_nonfinite:
+            trajectories = trajectories.filter(
+                lambda t: tf.reduce_all(tf.math.is_finite(t["action"])))
+        try:
+            return compute_statistics(trajectories.as_numpy_iterator(), spec.name)
+        except tf.errors.DataLossError as error:
+            raise ValueError(f"Dataset {spec.name!r} at {dataset_dir} has a corrupt file: "
+                             f"{find_corrupt_files(dataset_dir)} ({error.message.splitlines()[0]}).") from error
+
+    return compute
+
+
+def find_corrupt_files(dataset_dir: Path) -> list[str]:
+    """The TFRecord files of a dataset directory that fail to read."""
+    corrupt = []
+    for path in sorted(dataset_dir.glob("*.tfrecord*")):
+        try:
+            for _ in tf.data.TFRecordDataset(str(path)):
+                pass
+        except tf.errors.DataLossError:
+            corrupt.append(str(path))
+    return corrupt
+
+
+def plan_mixture(cfg: PipelineConfig, registry: Registry | None = None, *, is_main_process: bool = True,
+                 barrier=None) -> MixturePlan:
+    """Resolve the mixture and load (or, on the main process, compute) every dataset's statistics.
+
+    Collective when `barrier` is given (the statistics cache): call on every rank.
+    """
+    registry = registry or load_registry(*cfg.registry_dirs)
+    entries = registry.resolve_mixture(cfg.data_mix)
+    specs, dirs, sizes, statistics = [], [], [], {}
+    for spec, _ in entries:
+        dataset_dir = find_dataset_dir(cfg.data_root_dir, spec)
+        builder = open_builder(dataset_dir)
+        split = split_for(builder, train=True)
+        fingerprint = statistics_fingerprint(dataset_dir, spec, split, extra=f"nonfinite={cfg.drop_nonfinite}")
+        stats = load_or_compute_statistics(
+            dataset_dir, fingerprint, _statistics_source(builder, spec, split, dataset_dir, cfg.drop_nonfinite),
+            is_main_process=is_main_process, barrier=barrier)
+        stats = {**stats, "action": {**stats["action"], "mask": spec.action_normalization_mask}}
+        specs.append(spec)
+        dirs.append(dataset_dir)
+        sizes.append(int(stats["num_transitions"]))
+        statistics[spec.name] = stats
+    raw_weights = [w for _, w in entries]
+    weights = np.asarray(raw_weights, dtype=np.float64)
+    if cfg.balance_weights:
+        weights = weights * np.asarray(sizes, dtype=np.float64)
+    weights = (weights / weights.sum()).tolist()
+    plan = MixturePlan(specs, dirs, weights, sizes, statistics, dataset_length(sizes, raw_weights, weights),
+                       allocate_threads(cfg.traj_transform_threads, weights),
+                       allocate_threads(cfg.traj_read_threads, weights))
+    for spec, weight, size in zip(specs, weights, sizes, strict=True):
+        logger.info("Mixture %s: %-40s weight %.4f  transitions %d", cfg.data_mix, spec.name, weight, size)
+    return plan
+
+
+def _dataset_frames(cfg: PipelineConfig, plan: MixturePlan, index: int, seed: int) -> tf.data.Dataset:
+    spec, stats = plan.specs[index], plan.statistics[plan.specs[index].name]
+    threads = plan.transform_threads[index] or tf.data.AUTOTUNE
+    builder = open_builder(plan.dataset_dirs[index])
+    split = split_for(builder, train=cfg.train)
+    dataset = read_trajectories(builder, split, shuffle_files=cfg.train, seed=seed, rank=cfg.rank,
+                                world_size=cfg.world_size, num_parallel_reads=plan.read_threads[index])
+    if cfg.train:
+        dataset = dataset.repeat()
+    restructure = Restructure(spec, cfg.camera_views, load_proprio=cfg.load_proprio)
+    dataset = dataset.map(restructure, num_parallel_calls=threads)
+    if cfg.drop_nonfinite:
+        dataset = dataset.filter(traj_ops.all_finite)
+
+    def normalize(trajectory: dict[str, Any]) -> dict[str, Any]:
+        trajectory = {**trajectory, "action": normalize_tf(trajectory["action"], stats["action"], cfg.normalization)}
+        if "proprio" in trajectory["observation"]:
+            observation = dict(trajectory["observation"])
+            observation["proprio"] = normalize_tf(observation["proprio"], stats["proprio"], cfg.normalization)
+            trajectory["observation"] = observation
+        return trajectory
+
+    dataset = dataset.map(normalize, num_parallel_calls=threads)
+    if cfg.skip_unlabeled:
+        dataset = dataset.filter(traj_ops.has_any_instruction)
+    if cfg.max_action is not None:
+        dataset = dataset.filter(traj_ops.within_max_action(cfg.max_action))
+
+    def per_trajectory(position: tf.Tensor, trajectory: dict[str, Any]) -> dict[str, Any]:
+        traj_seed = tf.stack([tf.constant(seed, tf.int64), position])
+        if cfg.goal_relabeling == "uniform":
+            trajectory = traj_ops.relabel_goal_uniform(trajectory, traj_seed)
+        elif cfg.goal_relabeling is not None:
+            raise ValueError(f"Unknown goal_relabeling {cfg.goal_relabeling!r}; use 'uniform' or None.")
+        trajectory = traj_ops.chunk_actions_and_observations(trajectory, cfg.window_size,
+                                                             cfg.future_action_window_size)
+        if cfg.subsample_length is not None and cfg.train:
+            trajectory = traj_ops.subsample(trajectory, cfg.subsample_length, traj_seed + 1)
+        return trajectory
+
+    dataset = dataset.enumerate().map(per_trajectory, num_parallel_calls=threads)
+    dataset = dataset.interleave(tf.data.Dataset.from_tensor_slices, cycle_length=threads,
+                                 num_parallel_calls=threads)
+    if cfg.skip_unlabeled:
+        dataset = dataset.filter(traj_ops.frame_has_instruction)
+    if spec.frame_filter is not None:
+        dataset = dataset.filter(get_frame_filter(spec.frame_filter))
+    return dataset
+
+
+def build_frame_dataset(cfg: PipelineConfig, plan: MixturePlan, *, skip_frames: int = 0,
+                        reseed: int = 0) -> tf.data.Dataset:
+    """The rank's stream of decoded frames (numpy-ready dicts); `skip_frames` resumes a deterministic stream.
+
+    `reseed` (non-deterministic resume) derives fresh seeds instead of skipping.
+    """
+    if cfg.window_size < 1 or cfg.future_action_window_size < 0:
+        raise ValueError("window_size must be >= 1 and future_action_window_size >= 0.")
+    if cfg.shuffle_buffer_size < 1:
+        raise ValueError(f"shuffle_buffer_size must be positive, got {cfg.shuffle_buffer_size}.")
+    datasets = [_dataset_frames(cfg, plan, i, _rank_seed(cfg, 0, i, reseed)) for i in range(len(plan.specs))]
+    if len(datasets) == 1:
+        frames = datasets[0]
+    else:
+        frames = tf.data.Dataset.sample_from_datasets(datasets, weights=plan.weights, seed=_rank_seed(cfg, 1, reseed),
+                                                      stop_on_empty_dataset=False)
+    frames = frames.shuffle(cfg.shuffle_buffer_size, seed=_rank_seed(cfg, 2, reseed),
+                            reshuffle_each_iteration=True)
+    if skip_frames:
+        frames = frames.skip(skip_frames)
+    frame_seed = _rank_seed(cfg, 3, reseed)
+
+    def finish(position: tf.Tensor, frame: dict[str, Any]) -> dict[str, Any]:
+        frame = decode_frame_images(frame, tuple(cfg.resize_resolution))
+        if cfg.image_aug and cfg.train:
+            frame = augment_frame(frame, tf.stack([tf.constant(frame_seed, tf.int64), position]), cfg.augmentation)
+        return frame
+
+    frames = frames.enumerate(start=skip_frames).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = cfg.deterministic
+    options.autotune.ram_budget = 1 << 30
+    return frames.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,102 @@
+"""Torch side of the pipeline: frames -> (pixel_values, input_ids, labels) and an IterableDataset with a position.
+
+`RLDSBatchTransform` builds the prompt "What action should the robot take to {instruction}?" with the model's
+prompt builder, tokenizes the action of window step 0 with the ActionTokenizer, supervises only the action ids and
+the stop token, and applies the vision backbone's image transform. `RLDSDataset` streams one rank's frames and
+exposes `state_dict()` / `load_state_dict()` (frames consumed, seed, rank, world size) for exact resume.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset
+from transformers import PreTrainedTokenizerBase
+
+from vla_train.data.interleave import MixturePlan, PipelineConfig, build_frame_dataset, plan_mixture
+from vla_train.models.action_tokenizer import ActionTokenizer
+from vla_train.models.prompts import PromptBuilder
+from vla_train.models.vla_prompt import vla_training_ids
+
+STATE_VERSION = 1
+
+
+@dataclass
+class RLDSBatchTransform:
+    action_tokenizer: ActionTokenizer
+    base_tokenizer: PreTrainedTokenizerBase
+    image_transform: Any  # PIL image -> tensor or dict of tensors
+    prompt_builder_fn: type[PromptBuilder]
+    predict_stop_token: bool = True
+
+    def __call__(self, frame: dict[str, Any]) -> dict[str, Any]:
+        action = frame["action"][0]
+        image = Image.fromarray(frame["observation"]["image_primary"][0])
+        instruction = frame["task"]["language_instruction"].decode()
+        input_ids, labels = vla_training_ids(self.prompt_builder_fn, self.base_tokenizer, instruction,
+                                             self.action_tokenizer.encode_to_ids(action), self.predict_stop_token)
+        return {
+            "pixel_values": self.image_transform(image),
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "dataset_name": frame["dataset_name"],
+        }
+
+
+class RLDSDataset(IterableDataset):
+    """One rank's infinite (train) or single-pass (eval) stream of batch-transformed frames.
+
+    Statistics are resolved at construction (collective when `barrier` is given: call on every rank).
+    """
+
+    def __init__(self, cfg: PipelineConfig, batch_transform: RLDSBatchTransform | None = None, *,
+                 is_main_process: bool = True, barrier=None, plan: MixturePlan | None = None) -> None:
+        super().__init__()
+        self.cfg, self.batch_transform = cfg, batch_transform
+        self.plan = plan or plan_mixture(cfg, is_main_process=is_main_process, barrier=barrier)
+        self.frames_yielded = 0
+        self._resume_from = 0
+
+    @property
+    def dataset_statistics(self) -> dict[str, dict[str, Any]]:
+        """`{dataset: statistics}` with action masks, the content of `dataset_statistics.json`."""
+        return self.plan.statistics
+
+    def __len__(self) -> int:
+        """Frames per "epoch": the reference's balanced-mixture length."""
+        return self.plan.dataset_length
+
+    def frames(self):
+        """Raw decoded frames (numpy dicts) from the current position."""
+        if self.cfg.deterministic:
+            dataset = build_frame_dataset(self.cfg, self.plan, skip_frames=self._resume_from)
+        else:  # a fresh, differently seeded stream: cheap resume without replaying the same frames
+            dataset = build_frame_dataset(self.cfg, self.plan, reseed=self._resume_from)
+        self.frames_yielded = self._resume_from
+        for frame in dataset.as_numpy_iterator():
+            self.frames_yielded += 1
+            yield frame
+
+    def __iter__(self):
+        for frame in self.frames():
+            yield frame if self.batch_transform is None else self.batch_transform(frame)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "frames_yielded": self.frames_yielded, "seed": self.cfg.seed,
+                "rank": self.cfg.rank, "world_size": self.cfg.world_size, "data_mix": self.cfg.data_mix,
+                "deterministic": self.cfg.deterministic}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved position; refuses a changed world size, rank, seed or mixture."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"Unsupported data-pipeline state version {state.get('version')!r}.")
+        for key in ("world_size", "rank", "seed", "data_mix"):
+            if state[key] != getattr(self.cfg, key):
+                raise ValueError(f"Cannot resume the data stream: saved {key}={state[key]!r}, now "
+                                 f"{getattr(self.cfg, key)!r}. Resume with the same {key}.")
+        self._resume_from = self.frames_yielded = int(state["frames_yielded"])
+
+    def with_config(self, **changes: Any) -> "RLDSDataset":
+        """A dataset over the same plan with changed streaming options (e.g. train=False for evaluation)."""
+        return RLDSDataset(replace(self.cfg, **changes), self.batch_transform, plan=self.plan)
