@@ -23,9 +23,18 @@ REFERENCE_AUGMENTATION: dict[str, Any] = {
 
 
 def resize_uint8(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
-    """`[H, W, C]` uint8 -> `[h, w, C]` uint8 with lanczos3 + antialias, rounded and clipped."""
-    resized = tf.image.resize(tf.cast(image, tf.float32), size, method="lanczos3", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    """`[H, W, C]` uint8 -> `[h, w, C]` uint8 with lanczos3 + antialias, rounded and clipped.
+
+    An image already at the target size is returned as is: at scale 1 the lanczos kernel only samples its own pixels,
+    so the resize would reproduce it exactly, at a cost.
+    """
+
+    def resize() -> tf.Tensor:
+        resized = tf.image.resize(tf.cast(image, tf.float32), size, method="lanczos3", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+    same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.constant(size)))
+    return tf.ensure_shape(tf.cond(same_size, lambda: tf.cast(image, tf.uint8), resize), (*size, None))
 
 
 def decode_image(encoded: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
@@ -42,9 +51,16 @@ def decode_frame_images(frame: dict[str, Any], size: tuple[int, int]) -> dict[st
     """Decode every `observation.image_*` of a frame (`[window]` encoded -> `[window, h, w, 3]` uint8)."""
     observation = dict(frame["observation"])
     for key in [k for k in observation if k.startswith("image_")]:
-        observation[key] = tf.map_fn(lambda encoded: decode_image(encoded, size), observation[key],
-                                     fn_output_signature=tf.TensorSpec((*size, 3), tf.uint8))
+        observation[key] = _per_window_step(lambda encoded: decode_image(encoded, size), observation[key])
     return {**frame, "observation": observation}
+
+
+def _per_window_step(fn, values: tf.Tensor) -> tf.Tensor:
+    """Apply `fn` to each entry of a `[window, ...]` tensor (unrolled when the window size is static)."""
+    window = values.shape[0]
+    if window is None:
+        return tf.map_fn(fn, values, fn_output_signature=tf.uint8)
+    return tf.stack([fn(values[i]) for i in range(window)])
 
 
 def _random_resized_crop(image: tf.Tensor, seed: tf.Tensor, scale: list[float], ratio: list[float]) -> tf.Tensor:
@@ -89,7 +105,7 @@ def augment_frame(frame: dict[str, Any], seed: tf.Tensor, kwargs: dict[str, Any]
     for view_index, key in enumerate(sorted(k for k in observation if k.startswith("image_"))):
         view_seed = tf.random.experimental.stateless_fold_in(seed, view_index)
         images = observation[key]
-        augmented = tf.map_fn(lambda image, s=view_seed: augment_image(image, s, kwargs), images)
+        augmented = _per_window_step(lambda image, s=view_seed: augment_image(image, s, kwargs), images)
         is_padding = tf.reduce_all(tf.equal(images, 0), axis=[1, 2, 3])
         observation[key] = tf.where(is_padding[:, None, None, None], images, augmented)
     return {**frame, "observation": observation}

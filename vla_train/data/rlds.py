@@ -80,6 +80,7 @@ def read_trajectories(
         num_parallel_calls_for_interleave_files=num_parallel_reads,
         input_context=tf.distribute.InputContext(world_size, rank, 1) if by_file else None,
         skip_prefetch=True,
+        enable_ordering_guard=False,  # datasets written in order (disable_shuffling) are still read file-shuffled
     )
     dataset = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config,
                                  decoders={"steps": tfds.decode.SkipDecoding()})
