@@ -171,3 +171,15 @@ def test_corrupt_tfrecord_is_named(tmp_path, fixture_registry):
     record.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"corrupt file: .*{record.name}"):
         plan_mixture(_config(tmp_path, "ds_a"), fixture_registry)
+
+
+def test_corruption_found_while_streaming_is_named(tmp_path, fixture_registry):
+    dataset_dir = write_rlds(tmp_path / "data", "ds_a", {"train": make_episodes(3, 4, seed=2)})
+    cfg = _config(tmp_path, "ds_a")
+    dataset = RLDSDataset(cfg, plan=plan_mixture(cfg, fixture_registry))  # statistics computed and cached first
+    record = sorted(dataset_dir.glob("*.tfrecord*"))[0]
+    data = bytearray(record.read_bytes())
+    data[40:80] = b"\x00" * 40
+    record.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"Corrupt dataset file.*{record.name}"):
+        list(itertools.islice(dataset.frames(), 5))

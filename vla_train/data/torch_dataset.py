@@ -14,7 +14,14 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from vla_train.data.interleave import MixturePlan, PipelineConfig, build_frame_dataset, plan_mixture
+from vla_train.data.interleave import (
+    MixturePlan,
+    PipelineConfig,
+    build_frame_dataset,
+    find_corrupt_files,
+    plan_mixture,
+)
+from vla_train.data.tf_setup import tf
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.prompts import PromptBuilder
 from vla_train.models.vla_prompt import vla_training_ids
@@ -74,7 +81,18 @@ class RLDSDataset(IterableDataset):
         else:  # a fresh, differently seeded stream: cheap resume without replaying the same frames
             dataset = build_frame_dataset(self.cfg, self.plan, reseed=self._resume_from)
         self.frames_yielded = self._resume_from
-        for frame in dataset.as_numpy_iterator():
+        iterator = dataset.as_numpy_iterator()
+        while True:
+            try:
+                frame = next(iterator)
+            except StopIteration:
+                return
+            except tf.errors.OpError as error:  # the shuffle's Python crossing reports data loss as UnknownError
+                if "DataLossError" not in f"{type(error).__name__} {error.message}":
+                    raise
+                corrupt = [path for directory in self.plan.dataset_dirs for path in find_corrupt_files(directory)]
+                raise ValueError(f"Corrupt dataset file(s) {corrupt or '(not found by a rescan)'}: "
+                                 f"{error.message.splitlines()[0]}. Re-download or regenerate them.") from error
             self.frames_yielded += 1
             yield frame
 
