@@ -1,0 +1,1 @@
+"""Training engine: everything that knows about ranks (process group, FSDP, optimizer, checkpoints, metrics, loop)."""

@@ -1,0 +1,71 @@
+"""Process group from the torchrun environment: NCCL on CUDA, gloo on CPU; world size 1 without torchrun.
+
+A plain `python vla-scripts/train.py` still gets a (single-process) process group, so every code path — FSDP,
+collectives, distributed checkpoints — is the same with and without torchrun (the reference crashed without it).
+"""
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistributedContext:
+    """Initialize (once) the default process group from RANK / WORLD_SIZE / LOCAL_RANK; collective."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        else:  # not launched by torchrun: a private single-process group
+            if world_size != 1:
+                raise ValueError(f"WORLD_SIZE={world_size} without MASTER_ADDR: launch multi-process runs with "
+                                 "torchrun.")
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=timedelta(minutes=timeout_minutes))
+    return DistributedContext(rank, world_size, local_rank, local_world_size, device, backend)
+
+
+def barrier() -> None:
+    """Collective: call on every rank."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
