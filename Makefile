@@ -24,8 +24,14 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest tests
 
+DEMO_BASE := runs/base-vlms/tiny-dinosiglip+tiny-llama
+
 demo: install
-	$(PY) vla-scripts/make_base_vlm.py --model.type tiny-dinosiglip+tiny-llama --run_dir runs/base-vlms/tiny-dinosiglip+tiny-llama
+	$(PY) vla-scripts/make_demo_data.py --data_root runs/demo_data
+	test -f $(DEMO_BASE)/checkpoints/latest-checkpoint.pt || \
+		$(PY) vla-scripts/make_base_vlm.py --model.type tiny-dinosiglip+tiny-llama --run_dir $(DEMO_BASE)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 vla-scripts/train.py --vla.type tiny-demo \
+		--data_root_dir runs/demo_data --run_root_dir runs --trackers '[jsonl]'
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -155,3 +155,14 @@ def test_full_size_checkpoint_without_vision_weights_names_the_download(tmp_path
     monkeypatch.setattr(run_dir_module, "try_to_load_from_cache", lambda repo, filename: None)
     with pytest.raises(FileNotFoundError, match="huggingface-cli download timm/vit_so400m_patch14_siglip_224.webli"):
         run_dir_module.load_pretrained_featurizers(vlm, tmp_path / "ckpt.pt")
+
+
+def test_vla_run_dir_resolves_its_base_vlm(tmp_path):
+    base = tmp_path / "base"
+    make_base_vlm_run_dir(get_model_config("tiny-siglip+tiny-llama"), base)
+    by_path, by_id = tmp_path / "vla_path", tmp_path / "vla_id"
+    for run_dir, base_vlm in ((by_path, str(base)), (by_id, "tiny-dinosiglip+tiny-llama")):
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps({"vla": {"type": "x", "base_vlm": base_vlm}}))
+    assert read_model_config(by_path).model_id == "tiny-siglip+tiny-llama"
+    assert read_model_config(by_id).model_id == "tiny-dinosiglip+tiny-llama"

@@ -60,13 +60,22 @@ def save_base_vlm(vlm: PrismaticVLM, model_cfg: ModelConfig, run_dir: str | Path
 
 
 def read_model_config(run_dir: Path) -> ModelConfig:
-    """The ModelConfig recorded in `run_dir/config.json` (registered defaults, overridden by the file)."""
-    config_path = run_dir / "config.json"
+    """The ModelConfig of a run directory: its `config.json` "model" section (a base-VLM run), or, for a VLA training
+    run, the ModelConfig of its `vla.base_vlm` (a registered model id or a base run directory, which the reference
+    could not reload)."""
+    config_path = Path(run_dir) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"Not a Prismatic run directory: {config_path} does not exist.")
-    section = json.loads(config_path.read_text()).get("model")
+    content = json.loads(config_path.read_text())
+    section = content.get("model")
+    if section is None and isinstance(content.get("vla"), dict) and "base_vlm" in content["vla"]:
+        base_vlm = str(content["vla"]["base_vlm"])
+        if base_vlm in ModelConfig.get_known_choices():
+            return ModelConfig.get_choice_class(base_vlm)()
+        return read_model_config(Path(base_vlm))
     if not isinstance(section, dict) or any(key not in section for key in MODEL_ID_KEYS):
-        raise ValueError(f"{config_path} needs a 'model' section with keys {list(MODEL_ID_KEYS)}.")
+        raise ValueError(f"{config_path} needs a 'model' section with keys {list(MODEL_ID_KEYS)} (or a 'vla' "
+                         f"section naming its base_vlm).")
     model_id = section["model_id"]
     base = ModelConfig.get_choice_class(model_id)() if model_id in ModelConfig.get_known_choices() else None
     fields = {f.name for f in dataclasses.fields(ModelConfig)}

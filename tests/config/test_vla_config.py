@@ -1,0 +1,135 @@
+import dataclasses
+from dataclasses import dataclass, field
+
+import draccus
+import pytest
+
+from vla_train.config.vla import TinyTest, VLAConfig, get_vla_config
+
+# Facts §2.2, written out independently: vla_id -> (base_vlm, frz_vis, frz_llm, unfrz_last, data_mix, ews, gbs,
+# pdbs, stage).
+S, P = "siglip-224px+7b", "prism-dinosiglip-224px+7b"
+REFERENCE = {
+    "siglip-224px+mx-bridge": (S, False, False, False, "bridge", 8, 256, 32, "vla-full-train"),
+    "prism-dinosiglip-224px+mx-bridge": (P, False, False, False, "bridge", 8, 256, 32, "vla-full-train"),
+    "siglip-224px-icy+mx-bridge": (S, True, False, False, "bridge", 8, 256, 32, "vla-train"),
+    "siglip-224px+mx-oxe-magic-soup": (S, False, False, False, "oxe_magic_soup", 64, 2048, 32, "vla-full-train"),
+    "prism-dinosiglip-224px+mx-oxe-magic-soup-plus": (P, False, False, False, "oxe_magic_soup_plus_minus", 64, 2048,
+                                                      32, "vla-full-train"),
+    "siglip-224px+mx-tdroid_carrot_in_bowl": (S, False, False, False, "tdroid_carrot_in_bowl", 8, 256, 32,
+                                              "vla-full-train"),
+    "siglip-224px+mx-tdroid_pour_corn_in_pot": (S, False, False, False, "tdroid_pour_corn_in_pot", 8, 256, 32,
+                                                "vla-full-train"),
+    "siglip-224px-icy+mx-tdroid_carrot_in_bowl": (S, True, False, False, "tdroid_carrot_in_bowl", 8, 256, 32,
+                                                  "vla-train"),
+    "siglip-224px-last_layer+mx-tdroid_carrot_in_bowl": (S, True, True, True, "tdroid_carrot_in_bowl", 8, 256, 32,
+                                                         "vla-last-layer-train"),
+    "siglip-224px-sandwich+mx-tdroid_carrot_in_bowl": (S, False, True, True, "tdroid_carrot_in_bowl", 8, 256, 32,
+                                                       "vla-sandwich-train"),
+    "siglip-224px+mx-droid_wipe": (S, False, False, False, "droid_wipe", 8, 256, 32, "vla-full-train"),
+}
+COMMON = dict(shuffle_buffer_size=256_000, epochs=1000, max_steps=None, learning_rate=2e-5, weight_decay=0.0,
+              max_grad_norm=1.0, lr_scheduler_type="constant", warmup_ratio=0.0, train_strategy="fsdp-full-shard",
+              enable_gradient_checkpointing=True, enable_mixed_precision_training=True, reduce_in_full_precision=True,
+              checkpoint_vision_blocks=False)
+
+
+def test_registry_holds_reference_and_tiny_entries():
+    assert set(VLAConfig.get_known_choices()) == {*REFERENCE, "tiny-demo", "tiny-test"}
+
+
+@pytest.mark.parametrize("vla_id", sorted(REFERENCE))
+def test_reference_entries_match_facts(vla_id):
+    base_vlm, frz_vis, frz_llm, unfrz_last, data_mix, ews, gbs, pdbs, stage = REFERENCE[vla_id]
+    cfg = get_vla_config(vla_id)
+    assert (cfg.vla_id, cfg.base_vlm, cfg.freeze_vision_backbone, cfg.freeze_llm_backbone,
+            cfg.unfreeze_last_llm_layer, cfg.data_mix, cfg.expected_world_size, cfg.global_batch_size,
+            cfg.per_device_batch_size) == (vla_id, base_vlm, frz_vis, frz_llm, unfrz_last, data_mix, ews, gbs, pdbs)
+    assert {name: getattr(cfg, name) for name in COMMON} == COMMON
+    assert cfg.stage() == stage
+    assert cfg.normalized_train_strategy() == "full-shard"
+    assert cfg.grad_accumulation_steps(ews) == 1
+    cfg.validate(ews)
+
+
+def test_tiny_entries():
+    demo = get_vla_config("tiny-demo")
+    assert dataclasses.asdict(demo) == dict(
+        vla_id="tiny-demo", base_vlm="runs/base-vlms/tiny-dinosiglip+tiny-llama", freeze_vision_backbone=False,
+        freeze_llm_backbone=False, unfreeze_last_llm_layer=False, data_mix="demo", shuffle_buffer_size=2000,
+        epochs=1000, max_steps=300, expected_world_size=2, global_batch_size=16, per_device_batch_size=8,
+        learning_rate=2e-3, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="linear-warmup+cosine-decay",
+        warmup_ratio=0.05, train_strategy="full-shard", enable_gradient_checkpointing=True,
+        enable_mixed_precision_training=True, reduce_in_full_precision=True, checkpoint_vision_blocks=False)
+    test = get_vla_config("tiny-test")
+    assert (test.base_vlm, test.data_mix, test.shuffle_buffer_size, test.epochs, test.max_steps,
+            test.expected_world_size, test.global_batch_size, test.per_device_batch_size, test.learning_rate,
+            test.weight_decay, test.max_grad_norm, test.lr_scheduler_type, test.warmup_ratio,
+            test.train_strategy) == ("tiny-dinosiglip+tiny-llama", "demo", 64, 1000, 6, 2, 4, 2, 1e-3, 0.01, 1.0,
+                                     "constant", 0.0, "full-shard")
+    for cfg in (demo, test):
+        cfg.validate(2)
+        assert cfg.stage() == "vla-full-train"
+
+
+def test_grad_accumulation():
+    cfg = dataclasses.replace(TinyTest(), global_batch_size=16)
+    assert cfg.grad_accumulation_steps(2) == 4
+    assert cfg.grad_accumulation_steps(1) == 8
+    cfg.validate(2)
+    with pytest.raises(ValueError, match=r"global_batch_size = 16 is not a positive multiple of per_device_batch_"
+                                         r"size \* world_size = 2 \* 3 = 6.*Fix: pass --vla.global_batch_size"):
+        cfg.grad_accumulation_steps(3)
+
+
+def test_strategies_and_aliases():
+    for name, expected in [("full-shard", "full-shard"), ("fsdp-full-shard", "full-shard"),
+                           ("shard-grad-op", "shard-grad-op"), ("fsdp-shard-grad-op", "shard-grad-op"),
+                           ("hybrid-shard", "hybrid-shard")]:
+        assert dataclasses.replace(TinyTest(), train_strategy=name).normalized_train_strategy() == expected
+
+
+@pytest.mark.parametrize("changes, world_size, message", [
+    ({}, 4, r"Expected World Size = 2 but Found 4 GPUs.*--vla.type.*--vla.expected_world_size 4"),
+    ({"global_batch_size": 6}, 2, r"global_batch_size = 6 is not a positive multiple .* = 4"),
+    ({"global_batch_size": 0}, 2, r"global_batch_size = 0 must be positive\. Fix: pass --vla.global_batch_size"),
+    ({"per_device_batch_size": -1}, 2, r"per_device_batch_size = -1 must be positive"),
+    ({"shuffle_buffer_size": 0}, 2, r"shuffle_buffer_size = 0 must be positive"),
+    ({"epochs": 0}, 2, r"epochs = 0 must be positive"),
+    ({"max_steps": 0}, 2, r"max_steps = 0 must be positive\. Fix: pass --vla.max_steps"),
+    ({"learning_rate": 0.0}, 2, r"learning_rate = 0.0 must be positive"),
+    ({"weight_decay": -0.1}, 2, r"weight_decay = -0.1 must be >= 0"),
+    ({"max_grad_norm": 0.0}, 2, r"max_grad_norm = 0.0 must be positive"),
+    ({"lr_scheduler_type": "cosine"}, 2, r"Unknown lr_scheduler_type 'cosine'\. Fix: pass --vla.lr_scheduler_type "
+                                         r"one of \['constant', 'linear-warmup\+cosine-decay'\]"),
+    ({"warmup_ratio": 1.0}, 2, r"warmup_ratio = 1.0 is outside \[0, 1\)\. Fix"),
+    ({"warmup_ratio": -0.1}, 2, r"warmup_ratio = -0.1 is outside \[0, 1\)"),
+    ({"train_strategy": "ddp"}, 2, r"Unknown train_strategy 'ddp'\. Fix: pass --vla.train_strategy one of "
+                                   r"\['full-shard', 'shard-grad-op', 'hybrid-shard', 'fsdp-full-shard'"),
+    ({"freeze_llm_backbone": True}, 2, r"freeze_llm_backbone=True needs unfreeze_last_llm_layer=True"),
+    ({"unfreeze_last_llm_layer": True}, 2, r"unfreeze_last_llm_layer=True only makes sense"),
+])
+def test_validation_errors(changes, world_size, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TinyTest(), **changes).validate(world_size)
+
+
+def test_path_base_vlm_is_stored_as_str(tmp_path):
+    assert dataclasses.replace(TinyTest(), base_vlm=tmp_path).base_vlm == str(tmp_path)
+
+
+def test_cli_selects_entry_and_overrides_fields():
+    @dataclass
+    class Wrapper:
+        vla: VLAConfig = field(default_factory=TinyTest)
+
+    cfg = draccus.parse(Wrapper, args=["--vla.type", "siglip-224px-icy+mx-bridge", "--vla.per_device_batch_size", "16",
+                                       "--vla.base_vlm", "runs/my-base"])
+    assert (cfg.vla.vla_id, cfg.vla.per_device_batch_size, cfg.vla.base_vlm) == (
+        "siglip-224px-icy+mx-bridge", 16, "runs/my-base")
+    assert cfg.vla.grad_accumulation_steps(8) == 2
+
+
+def test_unknown_vla_id():
+    with pytest.raises(ValueError, match="Unknown vla id 'openvla-13b'"):
+        get_vla_config("openvla-13b")

@@ -1,0 +1,96 @@
+"""torchrun, 2 processes, gloo: every freezing stage and sharding strategy, exact resume, SIGTERM, bad configs."""
+
+import json
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+
+from tests.e2e.conftest import assert_ok, step_losses, torchrun, train_args
+from vla_train.config.train import load_train_config
+from vla_train.models.run_dir import load_run_dir
+
+RUN_ID = "tiny-test+n0+b2+x7"
+
+# every VLA freezing stage and every sharding strategy appears at least once
+CASES = [
+    ("vla-full-train", "full-shard", []),
+    ("vla-train", "shard-grad-op", ["--vla.freeze_vision_backbone", "true"]),
+    ("vla-sandwich-train", "hybrid-shard", ["--vla.freeze_llm_backbone", "true", "--vla.unfreeze_last_llm_layer",
+                                            "true"]),
+    ("vla-last-layer-train", "fsdp-full-shard", ["--vla.freeze_vision_backbone", "true", "--vla.freeze_llm_backbone",
+                                                 "true", "--vla.unfreeze_last_llm_layer", "true",
+                                                 "--vla.global_batch_size", "8"]),
+]
+
+
+@pytest.mark.parametrize(("stage", "strategy", "flags"), CASES, ids=[c[0] for c in CASES])
+def test_each_stage_and_strategy_trains_and_writes_a_loadable_run(stage, strategy, flags, demo_data, tmp_path):
+    result = torchrun(train_args(demo_data, tmp_path, "--vla.train_strategy", strategy, "--vla.max_steps", "3",
+                                 *flags))
+    assert_ok(result)
+    run_dir = tmp_path / RUN_ID
+    assert f"Stage {stage}" in result.stderr
+    losses = step_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())
+    # reference run-directory layout
+    for name in ("config.yaml", "config.json", "dataset_statistics.json", "run-metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert next(iter(config["vla"])) == "type" and config["vla"]["type"] == "tiny-test"
+    assert load_train_config(run_dir).vla.max_steps == 3  # config round trip
+    statistics = json.loads((run_dir / "dataset_statistics.json").read_text())
+    assert set(statistics) == {"demo_bridge", "demo_libero"} and "mask" in statistics["demo_bridge"]["action"]
+    checkpoints = run_dir / "checkpoints"
+    consolidated = sorted(checkpoints.glob("step-000003-epoch-*.pt"))
+    assert len(consolidated) == 1 and (checkpoints / "latest-checkpoint.pt").is_file()
+    state = torch.load(checkpoints / "latest-checkpoint.pt", weights_only=True)
+    assert set(state["model"]) == {"vision_backbone", "projector", "llm_backbone"}
+    vlm = load_run_dir(run_dir)  # a VLA run directory reloads through its base_vlm
+    assert all(p.dtype == torch.float32 for p in vlm.parameters())
+
+
+def test_resume_reproduces_a_straight_run_exactly(demo_data, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--vla.max_steps", "6", "--vla.lr_scheduler_type", "linear-warmup+cosine-decay",
+              "--vla.warmup_ratio", "0.34"]
+    assert_ok(torchrun(train_args(demo_data, straight, *common)))
+    assert_ok(torchrun(train_args(demo_data, split, *common, "--stop_after_steps", "3")))
+    assert sorted(step_losses(split / RUN_ID)) == [1, 2, 3]
+    resumed = torchrun(train_args(demo_data, split, *common, "--resume", "auto"))
+    assert_ok(resumed)
+    assert "Resumed exactly from" in resumed.stderr
+    expected, got = step_losses(straight / RUN_ID), step_losses(split / RUN_ID)
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    assert got == expected  # bit-identical per-step losses
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(demo_data, tmp_path):
+    process = torchrun(train_args(demo_data, tmp_path, "--vla.max_steps", "500", "--save_interval", "1000"),
+                       popen=True)
+    run_dir = tmp_path / RUN_ID
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / f"{RUN_ID}.jsonl").exists():
+        time.sleep(0.5)
+    assert (run_dir / f"{RUN_ID}.jsonl").exists(), "training never logged a step"
+    workers = psutil.Process(process.pid).children()
+    assert len(workers) == 2
+    for worker in workers:  # as a cluster scheduler does: every process of the job gets SIGTERM
+        worker.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-4000:]
+    last_step = max(step_losses(run_dir))
+    assert last_step < 500
+    saved = sorted((run_dir / "checkpoints").glob(f"step-{last_step:06d}-epoch-*.pt"))
+    assert len(saved) == 1 and (run_dir / "checkpoints" / "latest-checkpoint.pt").is_file()
+    assert torch.load(run_dir / "checkpoints" / "latest-checkpoint.pt", weights_only=True)["model"]
+
+
+def test_bad_configs_fail_before_any_work(demo_data, tmp_path):
+    result = torchrun(train_args(demo_data, tmp_path, "--vla.expected_world_size", "8"))
+    assert result.returncode != 0 and "Expected World Size = 8" in result.stdout + result.stderr
+    result = torchrun(train_args(demo_data, tmp_path, "--vla.global_batch_size", "5"))
+    assert result.returncode != 0 and "global_batch_size" in result.stdout + result.stderr
+    assert not (tmp_path / RUN_ID).exists()  # nothing half-written

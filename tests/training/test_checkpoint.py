@@ -1,0 +1,393 @@
+"""CheckpointManager: reference names, discovery, pruning, atomic `latest`, the consolidated layout, exact resume.
+
+The two-process test shards the tiny VLM with FSDP2 (bf16 params, fp32 reduce, non-reentrant activation
+checkpointing) on gloo, saves after 2 steps, and checks that fresh processes resume with bit-identical losses.
+"""
+
+import json
+import os
+import random
+import socket
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.conftest import build_tiny
+from vla_train.config.model import get_model_config
+from vla_train.models.run_dir import load_run_dir, model_state_dicts, save_base_vlm
+from vla_train.training import checkpoint as checkpoint_module
+from vla_train.training.checkpoint import CheckpointManager
+from vla_train.training.checkpoint_io import (
+    COMPLETE_MARKER,
+    checkpoint_name,
+    consolidated_path,
+    parse_checkpoint_name,
+    split_module_state,
+)
+
+MODEL_ID = "tiny-dinosiglip+tiny-llama"
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def _batch(vlm, batch_size: int = 2, text_len: int = 6) -> dict:
+    """A random training batch drawn from the global torch RNG (so RNG restoration shows in the losses)."""
+    vocab = vlm.llm_backbone.llm.config.vocab_size
+    input_ids = torch.randint(2, vocab, (batch_size, text_len))
+    input_ids[:, 0] = 1
+    labels = input_ids.clone()
+    labels[:, :2] = -100
+    size = vlm.vision_backbone.spec.image_size
+    pixels = {key: torch.randn(batch_size, 3, size, size) for key in vlm.vision_backbone.keys}
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels,
+            "labels": labels}
+
+
+def _train_step(vlm, optimizer, scheduler) -> float:
+    loss = vlm(**_batch(vlm)).loss
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _optimizer_and_scheduler(vlm):
+    trainable = [p for p in vlm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.1)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+
+
+def _draw() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _fake_checkpoint(checkpoint_dir: Path, name: str, complete: bool = True) -> Path:
+    path = checkpoint_dir / name
+    path.mkdir(parents=True)
+    if complete:
+        (path / COMPLETE_MARKER).write_text(json.dumps({"world_size": 1}))
+    return path
+
+
+def _save(manager, vlm, optimizer, scheduler, step: int, loss: float | None = 1.0) -> Path:
+    return manager.save(step, 0, loss, model=vlm, optimizer=optimizer, scheduler=scheduler,
+                        data_state={"frames_yielded": step}, train_state={"tokens_seen": 10 * step})
+
+
+# ------------------------------------------------------------------------------------------------- names, discovery
+def test_checkpoint_names_follow_the_reference():
+    assert checkpoint_name(2500, 1, 0.123456) == "step-002500-epoch-01-loss=0.1235"
+    assert checkpoint_name(7, 0, None) == "step-000007-epoch-00-loss=inf"
+    assert checkpoint_name(1234567, 123, 2.0) == "step-1234567-epoch-123-loss=2.0000"
+    assert parse_checkpoint_name("step-002500-epoch-01-loss=0.1235.pt") == (2500, 1)
+    assert parse_checkpoint_name("step-000007-epoch-00-loss=inf") == (7, 0)
+    assert parse_checkpoint_name("latest-checkpoint.pt") is None
+    assert consolidated_path(Path("c/step-000001-epoch-00-loss=1.5000")).name == "step-000001-epoch-00-loss=1.5000.pt"
+
+
+def test_discovery_ignores_incomplete_and_temporary_directories(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    assert manager.latest_complete() is None
+    ckpts = tmp_path / "checkpoints"
+    old = _fake_checkpoint(ckpts, "step-000010-epoch-00-loss=1.0000")
+    newest = _fake_checkpoint(ckpts, "step-000100-epoch-00-loss=0.5000")
+    _fake_checkpoint(ckpts, "step-000020-epoch-00-loss=0.9000")
+    _fake_checkpoint(ckpts, "step-000300-epoch-01-loss=0.1000", complete=False)  # interrupted
+    _fake_checkpoint(ckpts, ".step-000400-epoch-01-loss=0.1000.tmp")  # temporary, even with a marker
+    _fake_checkpoint(ckpts, "something-else")
+    (ckpts / "step-000500-epoch-02-loss=0.1000.pt").write_bytes(b"weights only")
+    assert manager.latest_complete() == newest
+    assert [p.name for p in manager.complete_checkpoints()] == [old.name, "step-000020-epoch-00-loss=0.9000",
+                                                                 newest.name]
+
+
+def test_find_by_step_epoch_and_by_pt_path(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    target = _fake_checkpoint(ckpts, "step-000100-epoch-02-loss=0.5000")
+    consolidated_path(target).write_bytes(b"x")
+    _fake_checkpoint(ckpts, "step-000200-epoch-03-loss=0.4000", complete=False)
+    (ckpts / "step-000050-epoch-01-loss=0.7000.pt").write_bytes(b"reference checkpoint, no DCP directory")
+    os.link(consolidated_path(target), ckpts / "latest-checkpoint.pt")
+
+    assert manager.find(100, 2) == target
+    assert manager.find(100) == target
+    assert manager.find(checkpoint=consolidated_path(target)) == target
+    assert manager.find(100, 2, checkpoint=str(consolidated_path(target))) == target
+    assert manager.find(checkpoint=ckpts / "latest-checkpoint.pt") == target
+    assert manager.find_path(target) == target
+    with pytest.raises(FileNotFoundError, match=r"step 200 epoch 3.*step-000100-epoch-02-loss=0.5000.*step-000200"):
+        manager.find(200, 3)
+    with pytest.raises(ValueError, match="step 100 epoch 2, but resume step=100 epoch=1"):
+        manager.find(100, 1, checkpoint=consolidated_path(target))
+    with pytest.raises(FileNotFoundError, match="cannot resume training exactly"):
+        manager.find(checkpoint=ckpts / "step-000050-epoch-01-loss=0.7000.pt")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        manager.find(checkpoint=ckpts / "step-000200-epoch-03-loss=0.4000")
+    with pytest.raises(ValueError, match="keep_last_k"):
+        CheckpointManager(tmp_path, keep_last_k=0)
+
+
+# ------------------------------------------------------------------------------------------ single process (no group)
+def _frozen_vision(vlm):
+    vlm.vision_backbone.requires_grad_(False)
+    vlm.vision_backbone_requires_grad = False
+    return vlm
+
+
+@pytest.mark.parametrize("frozen_vision", [False, True])
+def test_single_process_round_trip_restores_everything(tmp_path, frozen_vision):
+    prepare = _frozen_vision if frozen_vision else (lambda vlm: vlm)
+    vlm = prepare(build_tiny(MODEL_ID))
+    optimizer, scheduler = _optimizer_and_scheduler(vlm)
+    manager = CheckpointManager(tmp_path)
+    _seed_all(3)
+    _train_step(vlm, optimizer, scheduler)
+    path = _save(manager, vlm, optimizer, scheduler, step=1, loss=None)
+    assert path.name == "step-000001-epoch-00-loss=inf" and sorted(p.name for p in path.glob("rank-*")) == [
+        "rank-00000.pt"]
+    expected_draw, expected_losses = _draw(), [_train_step(vlm, optimizer, scheduler) for _ in range(2)]
+    expected_lr = scheduler.get_last_lr()
+
+    fresh = prepare(build_tiny(MODEL_ID))
+    fresh_optimizer, fresh_scheduler = _optimizer_and_scheduler(fresh)
+    _seed_all(99)
+    train_state, data_state = manager.load(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert train_state == {"tokens_seen": 10, "step": 1, "epoch": 0, "loss": None}
+    assert data_state == {"frames_yielded": 1}
+    assert _draw() == expected_draw
+    assert [_train_step(fresh, fresh_optimizer, fresh_scheduler) for _ in range(2)] == expected_losses
+    assert fresh_scheduler.get_last_lr() == expected_lr
+    for (name, a), b in zip(vlm.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    _assert_same_optimizer_state(optimizer, fresh_optimizer)
+
+
+def _assert_same_optimizer_state(a, b) -> None:
+    """Same per-parameter AdamW state (and none where the original has none, e.g. the unused last ViT block)."""
+    params_a = [p for group in a.param_groups for p in group["params"]]
+    params_b = [p for group in b.param_groups for p in group["params"]]
+    assert [p in a.state for p in params_a] == [p in b.state for p in params_b]
+    for pa, pb in zip(params_a, params_b, strict=True):
+        for key, value in a.state.get(pa, {}).items():
+            assert torch.equal(value, b.state[pb][key]), key
+
+
+def test_save_before_the_first_step_changes_nothing(tmp_path):
+    vlm = build_tiny(MODEL_ID)
+    optimizer, scheduler = _optimizer_and_scheduler(vlm)
+    manager = CheckpointManager(tmp_path)
+    path = _save(manager, vlm, optimizer, scheduler, step=0)
+    assert not optimizer.state and all(p.grad is None for p in vlm.parameters())
+    _seed_all(5)
+    expected = [_train_step(vlm, optimizer, scheduler) for _ in range(2)]
+
+    fresh = build_tiny(MODEL_ID)
+    fresh_optimizer, fresh_scheduler = _optimizer_and_scheduler(fresh)
+    manager.load(consolidated_path(path), model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert not fresh_optimizer.state
+    _seed_all(5)
+    assert [_train_step(fresh, fresh_optimizer, fresh_scheduler) for _ in range(2)] == expected
+
+
+def test_consolidated_checkpoint_layout_and_load_run_dir(tmp_path, rgb_image):
+    vlm = build_tiny(MODEL_ID)
+    save_base_vlm(vlm, get_model_config(MODEL_ID), tmp_path)  # config.json (and a base latest-checkpoint.pt)
+    optimizer, scheduler = _optimizer_and_scheduler(vlm)
+    _train_step(vlm, optimizer, scheduler)
+    path = _save(CheckpointManager(tmp_path), vlm, optimizer, scheduler, step=1, loss=2.5)
+    pt = consolidated_path(path)
+    latest = tmp_path / "checkpoints" / "latest-checkpoint.pt"
+    assert pt.name == "step-000001-epoch-00-loss=2.5000.pt" and latest.samefile(pt)
+
+    saved = torch.load(pt, weights_only=True)
+    assert list(saved) == ["model"] and list(saved["model"]) == ["vision_backbone", "projector", "llm_backbone"]
+    reference = model_state_dicts(vlm)
+    for key, state in saved["model"].items():
+        assert list(state) == list(reference[key])
+        assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+        assert all(torch.equal(state[k], reference[key][k]) for k in state)
+
+    vlm.eval()
+    batch = _batch(vlm, batch_size=1)
+    batch.pop("labels")
+    with torch.no_grad():
+        expected = vlm(**batch).logits
+        for checkpoint in (None, pt):
+            loaded = load_run_dir(tmp_path, checkpoint=checkpoint).eval()
+            assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_split_module_state_strips_wrapper_names():
+    t = torch.zeros(2, dtype=torch.bfloat16)
+    out = split_module_state({"llm_backbone.llm.model.layers.0._checkpoint_wrapped_module.w": t,
+                              "_orig_mod.projector.projector.0.weight": t, "vision_backbone.x": torch.zeros(1)})
+    assert out["llm_backbone"]["llm.model.layers.0.w"].dtype == torch.float32
+    assert list(out["projector"]) == ["projector.0.weight"]
+    with pytest.raises(ValueError, match="not under one of"):
+        split_module_state({"action_head.w": t})
+
+
+def test_keep_last_k_prunes_older_checkpoints(tmp_path):
+    vlm = build_tiny(MODEL_ID)
+    optimizer, scheduler = _optimizer_and_scheduler(vlm)
+    manager = CheckpointManager(tmp_path, keep_last_k=2)
+    paths = [_save(manager, vlm, optimizer, scheduler, step=step) for step in (10, 20, 30)]
+    ckpts = tmp_path / "checkpoints"
+    assert manager.complete_checkpoints() == paths[1:]
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(
+        [paths[1].name, paths[2].name, consolidated_path(paths[1]).name, consolidated_path(paths[2]).name,
+         "latest-checkpoint.pt"])
+    assert (ckpts / "latest-checkpoint.pt").samefile(consolidated_path(paths[2]))
+
+    # An older step saved after newer ones (a re-run from an earlier checkpoint) is kept: it was just written.
+    again = _save(manager, vlm, optimizer, scheduler, step=5)
+    assert manager.complete_checkpoints() == [again, *paths[1:]] and consolidated_path(again).is_file()
+
+
+def test_interrupted_saves_never_corrupt_latest(tmp_path, monkeypatch):
+    vlm = build_tiny(MODEL_ID)
+    optimizer, scheduler = _optimizer_and_scheduler(vlm)
+    manager = CheckpointManager(tmp_path)
+    first = _save(manager, vlm, optimizer, scheduler, step=1)
+    latest = tmp_path / "checkpoints" / "latest-checkpoint.pt"
+    before = latest.read_bytes()
+
+    real_dcp_save = checkpoint_module.dcp.save
+
+    def dcp_save_then_die(*args, **kwargs):
+        real_dcp_save(*args, **kwargs)
+        raise RuntimeError("killed after the DCP write")
+
+    monkeypatch.setattr(checkpoint_module.dcp, "save", dcp_save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        _save(manager, vlm, optimizer, scheduler, step=2)
+    monkeypatch.undo()
+    assert manager.latest_complete() == first and latest.read_bytes() == before
+    assert not (tmp_path / "checkpoints" / checkpoint_name(2, 0, 1.0)).exists()
+
+    real_torch_save = torch.save
+
+    def torch_save_dies_on_consolidated(obj, f, *args, **kwargs):
+        if ".pt.tmp-" in str(f) and Path(f).name.startswith(".step-"):
+            Path(f).write_bytes(b"half a file")
+            raise RuntimeError("killed during the consolidated write")
+        return real_torch_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", torch_save_dies_on_consolidated)
+    with pytest.raises(RuntimeError, match="killed"):
+        _save(manager, vlm, optimizer, scheduler, step=3)
+    monkeypatch.undo()
+    assert latest.read_bytes() == before
+    assert not consolidated_path(tmp_path / "checkpoints" / checkpoint_name(3, 0, 1.0)).exists()
+    # The DCP directory was committed before the consolidated write: it is complete and resumable.
+    assert manager.latest_complete().name == checkpoint_name(3, 0, 1.0)
+
+    final = _save(manager, vlm, optimizer, scheduler, step=4)  # cleans what the interrupted saves left
+    assert latest.samefile(consolidated_path(final))
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_load_refuses_a_changed_world_size(tmp_path):
+    vlm = build_tiny(MODEL_ID)
+    optimizer, scheduler = _optimizer_and_scheduler(vlm)
+    path = _save(CheckpointManager(tmp_path), vlm, optimizer, scheduler, step=1)
+    marker = json.loads((path / COMPLETE_MARKER).read_text())
+    (path / COMPLETE_MARKER).write_text(json.dumps({**marker, "world_size": 4}))
+    with pytest.raises(ValueError, match="saved by 4 ranks, this run has 1"):
+        CheckpointManager(tmp_path).load(path, model=vlm, optimizer=optimizer, scheduler=scheduler)
+
+
+# ------------------------------------------------------------------------------------------ two processes, FSDP2, gloo
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sharded_tiny():
+    """The tiny VLM with activation-checkpointed LLM layers and FSDP2 on LLM layers, vision blocks and the root."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        CheckpointWrapper,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    vlm = build_tiny(MODEL_ID)
+    layer_cls = vlm.llm_backbone.transformer_layer_cls
+    apply_activation_checkpointing(
+        vlm, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda module: isinstance(module, layer_cls))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    units = (CheckpointWrapper, *vlm.vision_backbone.fsdp_unit_classes)
+    for module in [m for m in vlm.modules() if isinstance(m, units)]:
+        fully_shard(module, mp_policy=policy)
+    fully_shard(vlm, mp_policy=policy)
+    return vlm
+
+
+def _worker(rank: int, mode: str, root: str, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        vlm = _sharded_tiny()
+        optimizer, scheduler = _optimizer_and_scheduler(vlm)
+        manager = CheckpointManager(Path(root) / "run", keep_last_k=2)
+        _seed_all(1000 + rank)
+        result: dict = {}
+        if mode == "save":
+            result["before"] = [_train_step(vlm, optimizer, scheduler) for _ in range(2)]
+            result["path"] = str(manager.save(2, 0, result["before"][-1], model=vlm, optimizer=optimizer,
+                                              scheduler=scheduler, data_state={"rank": rank, "frames_yielded": 2},
+                                              train_state={"tokens_seen": 24}))
+        else:
+            result["train_state"], result["data_state"] = manager.load(
+                manager.find(2, 0), model=vlm, optimizer=optimizer, scheduler=scheduler)
+        result["draw"] = _draw()
+        result["losses"] = [_train_step(vlm, optimizer, scheduler) for _ in range(2)]
+        torch.save(result, Path(root) / f"{mode}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(600)
+def test_two_process_fsdp2_resume_is_exact(tmp_path):
+    mp.spawn(_worker, args=("save", str(tmp_path), _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=("resume", str(tmp_path), _free_port()), nprocs=2, join=True)
+    saved = [torch.load(tmp_path / f"save-{rank}.pt", weights_only=False) for rank in range(2)]
+    resumed = [torch.load(tmp_path / f"resume-{rank}.pt", weights_only=False) for rank in range(2)]
+    loss0 = saved[0]["before"][-1]  # rank 0's local loss names the checkpoint (the ranks' losses differ)
+    assert saved[1]["before"][-1] != loss0 and saved[0]["path"] == saved[1]["path"]
+    for rank in range(2):
+        assert resumed[rank]["losses"] == saved[rank]["losses"]  # bit-identical, not approximately equal
+        assert resumed[rank]["draw"] == saved[rank]["draw"]
+        assert resumed[rank]["data_state"] == {"rank": rank, "frames_yielded": 2}
+        assert resumed[rank]["train_state"] == {"tokens_seen": 24, "step": 2, "epoch": 0, "loss": loss0}
+
+    path = Path(saved[0]["path"])
+    assert path.name == checkpoint_name(2, 0, loss0)
+    assert sorted(p.name for p in path.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
+    consolidated = torch.load(consolidated_path(path), weights_only=True)["model"]
+    reference = model_state_dicts(build_tiny(MODEL_ID))
+    for key, state in consolidated.items():
+        assert list(state) == list(reference[key])  # no _checkpoint_wrapped_module / FSDP names
+        assert all(t.shape == reference[key][k].shape for k, t in state.items())
+        assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+
+    vlm = build_tiny(MODEL_ID)
+    optimizer, scheduler = _optimizer_and_scheduler(vlm)
+    with pytest.raises(ValueError, match="saved by 2 ranks, this run has 1"):
+        CheckpointManager(tmp_path / "run").load(path, model=vlm, optimizer=optimizer, scheduler=scheduler)

@@ -1,0 +1,220 @@
+"""TrainConfig: the VLA training entry point's configuration, its run id, validation and `config.yaml`/`config.json`.
+
+Fields and defaults match the reference's `vla-scripts/train.py` (facts §1.2), plus this project's resume, checkpoint
+retention, deterministic data and registry options. Unlike the reference, nothing is checked in `__post_init__`
+(which also ran on every reload) and no VLA fields are copied onto the config: read them from `cfg.vla`, and call
+`validate_train_config(cfg, world_size)` once before any work.
+
+`hf_token` keeps the reference's train.py meaning: a `Path` is a file holding the token, a `str` is the *name of an
+environment variable* (a command-line value always parses as `str`). The reference's HF converter instead takes a
+`str` as the token itself (facts §12 item 40); here a `str` that looks like a token is rejected, so a token is never
+written to `config.yaml`.
+"""
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import draccus
+import yaml
+
+from vla_train.config.vla import Exp_DinoSigLIP_224px_OXE_Magic_Soup_Plus, VLAConfig
+
+TRACKERS = ("jsonl", "wandb")
+RESUME_AUTO = "auto"
+# draccus reads a `str | Path` back as str; this first line of config.yaml records that hf_token was a Path.
+HF_TOKEN_PATH_MARK = "# hf_token is a file path"
+HF_TOKEN_ENV_MARK = "# hf_token is the name of an environment variable"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")  # the shape of a Hugging Face access token
+
+
+@dataclass
+class TrainConfig:
+    """`--vla.type <vla_id>` picks the recipe; every other field is a run option."""
+
+    vla: VLAConfig = field(default_factory=Exp_DinoSigLIP_224px_OXE_Magic_Soup_Plus)  # what to train and how
+
+    data_root_dir: Path = Path("datasets/open-x-embodiment")  # RLDS datasets: <data_root_dir>/<name>/<version>/
+    run_root_dir: Path = Path("runs")  # run directories are <run_root_dir>/<run_id>/
+
+    pretrained_checkpoint: Path | None = None  # a `.pt` VLA checkpoint to start from (weights only)
+    is_resume: bool = True  # with pretrained_checkpoint: continue its step/epoch counters (reference default True)
+    resume_step: int | None = None  # with is_resume: the checkpoint's step (must match its file name)
+    resume_epoch: int | None = None  # with is_resume: the checkpoint's epoch (must match its file name)
+
+    run_id: str | None = None  # run directory name; default f"{vla_id}+n{ews // 8}+b{pdbs}+x{seed}"
+    run_id_note: str | None = None  # appended to the run id as "--{note}"
+    save_interval: int = 2500  # gradient steps between checkpoints
+    image_aug: bool = False  # train-time image augmentation (appends "--image_aug" to the run id)
+    seed: int = 7  # global seed (python, numpy, torch, data pipeline)
+
+    hf_token: str | Path = Path(".hf_token")  # Path: file with the token; str: name of an environment variable
+    trackers: tuple[str, ...] = ("jsonl", "wandb")  # metric sinks, a subset of ("jsonl", "wandb")
+    wandb_project: str = "openvla"  # W&B project
+    wandb_entity: str = "stanford-voltron"  # W&B entity (user or team)
+
+    resume: str | None = None  # "auto" = newest complete checkpoint of this run's directory, or a checkpoint path
+    keep_last_k: int | None = None  # keep only the newest k checkpoints (None: keep all)
+    deterministic_data: bool = False  # the data stream is a pure function of (seed, rank, world size)
+    registry_dirs: tuple[Path, ...] = ()  # extra directories of dataset/mixture YAML (added to rlds_mixtures/)
+    log_interval: int = 1  # gradient steps between metric reductions across ranks and log lines
+    stop_after_steps: int | None = None  # end this invocation after N steps with a checkpoint (time-limited jobs)
+
+
+def resolve_run_id(cfg: TrainConfig, world_size: int | None = None) -> str:
+    """The reference's run id: `f"{vla_id}+n{ews // 8}+b{pdbs}+x{seed}"` (or `cfg.run_id`), then `--{note}` and
+    `--image_aug` suffixes (also on an explicit run id). `world_size`, when given, must equal `expected_world_size`."""
+    if world_size is not None:
+        cfg.vla.check_world_size(world_size)
+    vla = cfg.vla
+    run_id = cfg.run_id
+    if run_id is None:
+        run_id = f"{vla.vla_id}+n{vla.expected_world_size // 8}+b{vla.per_device_batch_size}+x{cfg.seed}"
+    if cfg.run_id_note is not None:
+        run_id += f"--{cfg.run_id_note}"
+    if cfg.image_aug:
+        run_id += "--image_aug"
+    return run_id
+
+
+def checkpoint_step_epoch(path: Path) -> tuple[int | None, int | None]:
+    """(step, epoch) from a checkpoint file name `step-XXXXXX-epoch-XX-loss=X.XXXX.pt` (None where absent). A link
+    such as `latest-checkpoint.pt` (symbolic, or a hard link to a sibling `step-*.pt`) takes its target's name."""
+    names = [path.name, path.resolve().name]
+    if path.is_file():
+        names += sorted(p.name for p in path.parent.glob("step-*.pt") if p != path and p.samefile(path))
+    for name in names:
+        step, epoch = re.search(r"step-(\d+)-", name), re.search(r"epoch-(\d+)-", name)
+        if step or epoch:
+            return (int(step[1]) if step else None), (int(epoch[1]) if epoch else None)
+    return None, None
+
+
+def _validate_resume(cfg: TrainConfig) -> None:
+    if cfg.resume is not None and cfg.pretrained_checkpoint is not None:
+        raise ValueError(
+            f"--resume {cfg.resume} and --pretrained_checkpoint {cfg.pretrained_checkpoint} are exclusive. Fix: pass "
+            "--resume to continue a run of this project (weights, optimizer, scheduler, data and RNG state), or "
+            "--pretrained_checkpoint to start from a checkpoint's weights, not both."
+        )
+    if cfg.resume is not None and cfg.resume != RESUME_AUTO and not Path(cfg.resume).exists():
+        raise ValueError(f"--resume {cfg.resume}: no such checkpoint. Fix: pass an existing checkpoint path, "
+                         f"or --resume {RESUME_AUTO} for the newest complete checkpoint of this run's directory.")
+    counters = {"resume_step": cfg.resume_step, "resume_epoch": cfg.resume_epoch}
+    if cfg.pretrained_checkpoint is None or not cfg.is_resume:
+        given = [name for name, value in counters.items() if value is not None]
+        if given:
+            raise ValueError(f"--{' and --'.join(given)} only apply with --pretrained_checkpoint and --is_resume "
+                             "true. Fix: drop them (with --resume the step and epoch come from the checkpoint).")
+    if cfg.pretrained_checkpoint is None:
+        return
+    ckpt = Path(cfg.pretrained_checkpoint)
+    if not ckpt.is_file():
+        raise ValueError(f"--pretrained_checkpoint {ckpt} does not exist (or is not a file). Fix: pass the path of a "
+                         "`.pt` checkpoint, e.g. <run_dir>/checkpoints/step-XXXXXX-epoch-XX-loss=X.XXXX.pt.")
+    if not cfg.is_resume:
+        return
+    missing = [name for name, value in counters.items() if value is None]
+    if missing:
+        raise ValueError(f"--pretrained_checkpoint {ckpt} with --is_resume true (the default) needs --"
+                         f"{' and --'.join(missing)}. Fix: pass them (they must match the file name), or pass "
+                         "--is_resume false to fine-tune from it without resuming.")
+    step, epoch = checkpoint_step_epoch(ckpt)
+    for name, expected, found, pattern in (("resume_step", cfg.resume_step, step, "step-XXXXXX-"),
+                                           ("resume_epoch", cfg.resume_epoch, epoch, "epoch-XX-")):
+        if found is None:
+            raise ValueError(f"--pretrained_checkpoint {ckpt}: the file name has no '{pattern}' to check --{name} "
+                             "against. Fix: pass --is_resume false to fine-tune from it without resuming.")
+        if found != expected:
+            raise ValueError(f"--{name} {expected} does not match the checkpoint file name {ckpt.name} ({found}). "
+                             f"Fix: pass --{name} {found}, or --is_resume false to fine-tune from it without "
+                             "resuming.")
+
+
+def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
+    """Check the whole configuration for `world_size` processes; a `ValueError` names the bad value and the fix."""
+    cfg.vla.validate(world_size)
+    if not 0 < cfg.seed < 2**32 - 1:
+        raise ValueError(f"seed = {cfg.seed} is outside (0, 2**32 - 1). Fix: pass --seed in that range, e.g. 7.")
+    unknown = [t for t in cfg.trackers if t not in TRACKERS]
+    if unknown:
+        raise ValueError(f"Unknown trackers {unknown}. Fix: pass --trackers as a subset of {list(TRACKERS)}, "
+                         "e.g. --trackers '[jsonl]'.")
+    for name in ("save_interval", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} = {getattr(cfg, name)} must be positive. Fix: pass --{name} >= 1.")
+    if cfg.stop_after_steps is not None and cfg.stop_after_steps < 1:
+        raise ValueError(f"stop_after_steps = {cfg.stop_after_steps} must be >= 1 (or null to train to the end).")
+    if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
+        raise ValueError(f"keep_last_k = {cfg.keep_last_k} must be >= 1. Fix: pass --keep_last_k >= 1, or null "
+                         "to keep every checkpoint.")
+    for name in ("run_id", "run_id_note"):
+        value = getattr(cfg, name)
+        if value is not None and (not value or "/" in value or value in (".", "..")):
+            raise ValueError(f"{name} = {value!r} cannot be part of a directory name. Fix: pass a --{name} "
+                             "without '/'.")
+    token = cfg.hf_token
+    if isinstance(token, str) and (not _ENV_NAME.fullmatch(token) or _HF_TOKEN.fullmatch(token)):
+        raise ValueError(
+            f"hf_token = {token[:3]}... is not an environment variable name (it looks like a token, which "
+            "would be written to config.yaml). Fix: put the token in a file (default .hf_token) or in an environment "
+            "variable, and pass --hf_token <VARIABLE_NAME>."
+        )
+    for directory in cfg.registry_dirs:
+        if not Path(directory).is_dir():
+            raise ValueError(f"registry_dirs: {directory} is not a directory. Fix: pass existing directories of "
+                             "dataset/mixture YAML files.")
+    _validate_resume(cfg)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_run_configs(cfg: TrainConfig, run_dir: str | Path) -> None:
+    """Write `run_dir/config.yaml` (draccus dump) and `config.json` (that YAML as JSON, indent 2), atomically.
+
+    The `vla` section starts with `"type": <vla_id>`; paths are strings; `hf_token` is its file path or variable
+    name, never the token. config.yaml's first line is a comment recording whether `hf_token` is a path.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mark = HF_TOKEN_PATH_MARK if isinstance(cfg.hf_token, Path) else HF_TOKEN_ENV_MARK
+    text = f"{mark}\n{draccus.dump(cfg, sort_keys=False)}"
+    encoded = yaml.safe_load(text)
+    if next(iter(encoded["vla"])) != "type":
+        raise RuntimeError(f"draccus wrote the vla section with keys {list(encoded['vla'])[:3]}...; expected 'type' "
+                           "first.")
+    _atomic_write_text(run_dir / "config.yaml", text)
+    _atomic_write_text(run_dir / "config.json", json.dumps(encoded, indent=2))
+
+
+def load_train_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig of `run_dir/config.yaml` (registered `vla.type` defaults, overridden by the file)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"Not a training run directory: {path} does not exist.")
+    cfg = draccus.parse(TrainConfig, config_path=path, args=[])
+    first_line = path.read_text().split("\n", 1)[0]
+    if first_line == HF_TOKEN_PATH_MARK and isinstance(cfg.hf_token, str):
+        cfg = dataclasses.replace(cfg, hf_token=Path(cfg.hf_token))
+    return cfg
+
+
+def resolve_hf_token(cfg: TrainConfig) -> str | None:
+    """The Hugging Face token: a `Path` is read (stripped; None if the file does not exist), a `str` names an
+    environment variable (None if unset). This is the reference train.py's meaning, not the converter's."""
+    if isinstance(cfg.hf_token, Path):
+        token = cfg.hf_token.read_text().strip() if cfg.hf_token.is_file() else None
+    else:
+        token = os.environ.get(cfg.hf_token)
+    return token or None

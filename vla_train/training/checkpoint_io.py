@@ -1,0 +1,161 @@
+"""File-level helpers for `checkpoint.py`: reference names, atomic writes, per-rank RNG state, the consolidated layout.
+
+Names follow the reference (facts §1.4): `step-{step:06d}-epoch-{epoch:02d}-loss={loss:.4f}` (`loss=inf` when None),
+used both for the sharded DCP directory and, with `.pt`, for the consolidated reference checkpoint next to it.
+"""
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vla_train.log import logger
+from vla_train.models.vlm import ALL_MODULE_KEYS
+
+COMPLETE_MARKER = "complete.json"
+FORMAT_VERSION = 1
+CHECKPOINT_NAME_RE = re.compile(r"^step-(?P<step>\d+)-epoch-(?P<epoch>\d+)-loss=(?P<loss>[^/]+?)$")
+WRAPPER_NAME_PARTS = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
+# Consolidated file order as the reference writes it (facts §4.7).
+MODULE_KEYS = ("vision_backbone", "projector", "llm_backbone")
+assert set(MODULE_KEYS) == set(ALL_MODULE_KEYS)
+TEMP_PREFIXES = (".step-", ".latest-checkpoint.pt.")
+
+
+def checkpoint_name(step: int, epoch: int, loss: float | None) -> str:
+    """The reference's checkpoint stem, e.g. `step-002500-epoch-01-loss=0.4321`."""
+    loss_str = "inf" if loss is None else f"{float(loss):.4f}"
+    return f"step-{step:06d}-epoch-{epoch:02d}-loss={loss_str}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """`(step, epoch)` of a checkpoint stem (a `.pt` suffix is accepted), or None for any other name."""
+    match = CHECKPOINT_NAME_RE.match(name.removesuffix(".pt"))
+    return (int(match["step"]), int(match["epoch"])) if match else None
+
+
+def consolidated_path(checkpoint_dir: Path) -> Path:
+    """`.../step-...-loss=X.XXXX.pt` for a DCP directory (not `with_suffix`: the loss has a dot)."""
+    return checkpoint_dir.with_name(checkpoint_dir.name + ".pt")
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / COMPLETE_MARKER).is_file()
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The completion marker of a DCP checkpoint directory; a clear error when the directory is incomplete."""
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER}): the save that wrote it "
+                                "was interrupted, or it is not a vla-train checkpoint directory.")
+    return json.loads(marker.read_text())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write, fsync and rename: `path` holds either its old content or all of `text`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_link_or_copy(src: Path, dst: Path) -> None:
+    """Point `dst` at `src`'s content atomically: a hard link (no copy of a 30 GB file), else a copy, then rename."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_checkpoint_dir(path: Path) -> None:
+    """Delete the marker first, so that a kill during deletion leaves an incomplete (ignored) directory."""
+    (path / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temporaries(checkpoint_dir: Path) -> None:
+    """Delete what interrupted saves left behind (temporary directories and files); call when no save is running."""
+    for path in checkpoint_dir.iterdir():
+        if path.name.startswith(TEMP_PREFIXES):
+            logger.info("Removing %s, left by an interrupted save.", path)
+            if path.is_dir():
+                remove_checkpoint_dir(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def to_blob(obj: Any) -> bytes:
+    """One opaque DCP item (`torch.save` bytes): loads back without a template of its keys."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def from_blob(blob: bytes) -> Any:
+    return torch.load(io.BytesIO(blob), weights_only=False)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's python `random`, numpy, torch CPU and (when in use) current CUDA device RNG states."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            logger.warning("The checkpoint holds a CUDA RNG state but CUDA is not available; it is not restored.")
+
+
+def unwrapped_key(key: str) -> str:
+    """Drop activation-checkpointing / torch.compile / FSDP1 wrapper parts from a state-dict key."""
+    return ".".join(part for part in key.split(".") if part not in WRAPPER_NAME_PARTS)
+
+
+def split_module_state(full_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A full model state dict -> `{"vision_backbone": sd, "projector": sd, "llm_backbone": sd}`, floats in FP32."""
+    modules: dict[str, dict[str, torch.Tensor]] = {key: {} for key in MODULE_KEYS}
+    for key, tensor in full_state.items():
+        prefix, _, rest = unwrapped_key(key).partition(".")
+        if prefix not in modules or not rest:
+            raise ValueError(f"State-dict key {key!r} is not under one of {list(MODULE_KEYS)}: not a PrismaticVLM.")
+        modules[prefix][rest] = tensor.float() if tensor.is_floating_point() else tensor
+    return modules

@@ -1,0 +1,51 @@
+"""`train(cfg)`: what `vla-scripts/train.py` runs — build the session, train, evaluate, always close."""
+
+from dataclasses import dataclass
+
+from vla_train.config.train import TrainConfig
+from vla_train.log import logger
+from vla_train.training.distributed import barrier, destroy_distributed
+from vla_train.training.evaluate import evaluate_held_out
+from vla_train.training.session import build_session
+from vla_train.training.trainer import Trainer, TrainResult
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    result: TrainResult
+    held_out: dict[str, float]
+
+
+def train(cfg: TrainConfig, evaluate: bool = True) -> RunSummary:
+    """Collective: every rank calls it. Returns the run's summary (metrics are global, identical on every rank)."""
+    session = None
+    try:
+        session = build_session(cfg)
+        trainer = Trainer(session)
+        try:
+            result = trainer.run()
+        finally:
+            trainer.finalize()
+        held_out = evaluate_held_out(session) if evaluate and not result.stopped_by_signal else {}
+        summary = RunSummary(str(session.run_dir), result, held_out)
+        if session.ctx.is_main:
+            _print_summary(summary)
+        barrier()
+        return summary
+    finally:
+        destroy_distributed()
+
+
+def _print_summary(summary: RunSummary) -> None:
+    losses = [entry["VLA Train/Loss"] for entry in summary.result.logged if "VLA Train/Loss" in entry]
+    lines = [f"Run directory: {summary.run_dir}", f"Steps: {summary.result.final_step}"]
+    if losses:
+        lines.append(f"Loss: {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")
+    if summary.held_out:
+        accuracy = summary.held_out.get("Held-out/Action Token Accuracy")
+        if accuracy is not None:
+            lines.append(f"Held-out action-token accuracy: {accuracy:.3f} (chance: {1 / 256:.4f})")
+        if "Held-out/L1 Loss" in summary.held_out:
+            lines.append(f"Held-out L1 (normalized actions): {summary.held_out['Held-out/L1 Loss']:.4f}")
+    logger.info("Training finished.\n  " + "\n  ".join(lines))

@@ -1,0 +1,376 @@
+"""Training metrics: action metrics and throughput reduced across ranks, trackers (jsonl, W&B), a progress bar.
+
+Unlike the reference (facts §9.6, §12 items 5, 11-13):
+- every rank accumulates loss / action accuracy / L1 on device, with no GPU->CPU sync per step; on logging steps
+  `reduce_metrics` packs every meter's sums and counts into ONE float64 tensor, all-reduces it once (collective: call
+  on every rank) and turns the global sums into token-weighted means over the whole logging window;
+- per-dataset metrics are reduced too, laid out by a fixed list of the mixture's dataset names, and only datasets
+  seen in the window are logged (no stale values);
+- `run-metrics.jsonl` is appended to, not truncated, on a resumed run; the W&B run id is derived from the run
+  directory (`resume="allow"`), W&B logs offline when no API key is configured, and `finalize` never sleeps.
+"""
+
+import functools
+import hashlib
+import json
+import netrc
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import jsonlines
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vla_train.log import logger
+from vla_train.models.action_tokenizer import ActionTokenizer
+from vla_train.models.vlm import IGNORE_INDEX
+
+TRACKER_NAMES = ("jsonl", "wandb")
+
+
+# === Trackers (rank 0 only) ===
+
+
+class Tracker(Protocol):
+    def write_hyperparameters(self, hparams: dict) -> None: ...
+
+    def write(self, global_step: int, metrics: dict[str, float]) -> None: ...
+
+    def finalize(self) -> None: ...
+
+
+class JSONLinesTracker:
+    """`run_dir/run-metrics.jsonl` gets one `{"run_id", "hparams"}` line per (re)start; `run_dir/<run_id>.jsonl` one
+    line of metrics per `write` (with `VLA Train/Step` = global step when the caller did not set it)."""
+
+    def __init__(self, run_id: str, run_dir: str | Path) -> None:
+        self.run_id, self.run_dir = run_id, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._dumps = functools.partial(json.dumps, sort_keys=True, default=str)
+
+    def _append(self, path: Path, record: dict) -> None:
+        with jsonlines.open(path, mode="a", dumps=self._dumps) as writer:
+            writer.write(record)
+
+    def write_hyperparameters(self, hparams: dict) -> None:
+        self._append(self.run_dir / "run-metrics.jsonl", {"run_id": self.run_id, "hparams": hparams})
+
+    def write(self, global_step: int, metrics: dict[str, float]) -> None:
+        self._append(self.run_dir / f"{self.run_id}.jsonl", {"VLA Train/Step": global_step, **metrics})
+
+    def finalize(self) -> None:
+        pass
+
+
+def wandb_run_id(run_dir: str | Path) -> str:
+    """A stable W&B run id for a run directory (same directory -> same W&B run, so a resumed run continues it)."""
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def _wandb_key_in_netrc() -> bool:
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def wandb_mode() -> str | None:
+    """None (let W&B read an explicit `WANDB_MODE`), "online" when an API key is configured, else "offline"."""
+    if os.environ.get("WANDB_MODE"):
+        return None
+    if os.environ.get("WANDB_API_KEY") or _wandb_key_in_netrc():
+        return "online"
+    logger.warning("No W&B API key (WANDB_API_KEY or netrc): logging to W&B offline; upload later with `wandb sync`.")
+    return "offline"
+
+
+class WandBTracker:
+    """One W&B run per run directory: `wandb.init(id=wandb_run_id(run_dir), resume="allow")`."""
+
+    def __init__(self, run_id: str, run_dir: str | Path, hparams: dict, project: str, entity: str | None,
+                 group: str = "vla-train") -> None:
+        import wandb  # imported here: a jsonl-only run never pays for it
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(name=run_id, dir=str(run_dir), config=hparams, project=project, entity=entity,
+                              group=group, id=wandb_run_id(run_dir), resume="allow", mode=wandb_mode())
+
+    def write_hyperparameters(self, hparams: dict) -> None:
+        self.run.config.update(hparams, allow_val_change=True)
+
+    def write(self, global_step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=global_step)
+
+    def finalize(self) -> None:
+        self.run.finish()
+
+
+def _is_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def make_trackers(names: Sequence[str], run_id: str, run_dir: str | Path, hparams: dict, project: str = "openvla",
+                  entity: str | None = None, is_main: bool | None = None) -> list[Tracker]:
+    """Trackers by name (`jsonl`, `wandb`), hyperparameters written; `[]` on every rank but 0 (`is_main` defaults to
+    the process group's rank). Names are validated on every rank."""
+    unknown = [name for name in names if name not in TRACKER_NAMES]
+    if unknown:
+        raise ValueError(f"Unknown tracker(s) {unknown}; choose from {list(TRACKER_NAMES)}.")
+    if not (_is_rank_zero() if is_main is None else is_main):
+        return []
+    trackers: list[Tracker] = []
+    for name in dict.fromkeys(names):
+        if name == "jsonl":
+            trackers.append(JSONLinesTracker(run_id, run_dir))
+        else:
+            trackers.append(WandBTracker(run_id, run_dir, hparams, project, entity))
+        trackers[-1].write_hyperparameters(hparams)
+    return trackers
+
+
+# === Reduction across ranks ===
+
+
+class Reducible(Protocol):
+    """A meter whose window sums travel in `reduce_metrics`' single all-reduce."""
+
+    def pack(self, device: torch.device) -> torch.Tensor: ...  # [N] float64 sums on `device`
+
+    def summarize(self, totals: list[float], world_size: int) -> dict[str, float]: ...
+
+    def reset(self) -> None: ...
+
+
+def reduce_metrics(*meters: Reducible, group: dist.ProcessGroup | None = None,
+                   device: torch.device | None = None) -> dict[str, float]:
+    """Sum every meter's packed window across ranks with ONE all-reduce, summarize, reset the meters.
+
+    Collective: call on every rank, on logging steps only (the one GPU->CPU sync of a logging window).
+    """
+    device = device or getattr(meters[0], "device", torch.device("cpu"))
+    packed = [meter.pack(device) for meter in meters]
+    flat = torch.cat(packed)
+    world_size = 1
+    if dist.is_initialized():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        world_size = dist.get_world_size(group)
+    totals = flat.tolist()
+    metrics: dict[str, float] = {}
+    offset = 0
+    for meter, part in zip(meters, packed, strict=True):
+        metrics.update(meter.summarize(totals[offset:offset + part.numel()], world_size))
+        offset += part.numel()
+        meter.reset()
+    return metrics
+
+
+# === Action metrics ===
+
+# Columns of ActionMetrics' accumulator: sums and counts that reduce by addition across micro-batches and ranks.
+_LOSS_SUM, _LOSS_TOKENS, _CORRECT, _ACTION_TOKENS, _L1_SUM, _SAMPLES = range(6)
+_NUM_COLUMNS = 6
+
+
+class ActionMetrics:
+    """Token-weighted loss, action-token accuracy and action L1, overall and per dataset, accumulated on device.
+
+    Row 0 of the `[1 + D, 6]` float64 accumulator is the overall figure, row `1 + i` dataset `dataset_names[i]`
+    (the mixture's names: a fixed list, the same on every rank, so the packed layout matches across ranks).
+    `num_patches` is P, the vision tokens spliced after BOS; `prefix` names the overall metrics.
+    """
+
+    def __init__(self, action_tokenizer: ActionTokenizer, dataset_names: Sequence[str], num_patches: int,
+                 device: torch.device | str = "cpu", prefix: str = "VLA Train") -> None:
+        self.device, self.num_patches = torch.device(device), num_patches
+        self.prefix = prefix
+        self.dataset_names = list(dataset_names)
+        self._row = {name: i + 1 for i, name in enumerate(self.dataset_names)}
+        self.action_token_begin_idx = action_tokenizer.action_token_begin_idx
+        self.vocab_end = action_tokenizer.vocab_end
+        self._centers = torch.as_tensor(action_tokenizer.bin_centers, dtype=torch.float64, device=self.device)
+        self._sums = torch.zeros(1 + len(self.dataset_names), _NUM_COLUMNS, dtype=torch.float64, device=self.device)
+
+    def _dataset_rows(self, dataset_names: Sequence[bytes | str], device: torch.device) -> torch.Tensor:
+        rows = []
+        for name in dataset_names:
+            key = name.decode() if isinstance(name, bytes) else name
+            if key not in self._row:
+                raise ValueError(f"Dataset {key!r} is not in the mixture's dataset names {self.dataset_names}.")
+            rows.append(self._row[key])
+        rows_cpu = torch.tensor(rows, dtype=torch.long)
+        if device.type == "cuda":  # pinned + non_blocking: a host->device copy that never waits for the GPU
+            rows_cpu = rows_cpu.pin_memory()
+        return rows_cpu.to(device, non_blocking=True)
+
+    def _decode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids `[...]` -> bin-centre actions `[...]` (float64), the ActionTokenizer's decoding as a gather."""
+        index = (self.vocab_end - 1 - token_ids).clamp(0, self._centers.numel() - 1)
+        return self._centers.take(index)
+
+    @torch.no_grad()
+    def accumulate(self, logits: torch.Tensor, labels: torch.Tensor,
+                   dataset_names: Sequence[bytes | str] | None = None) -> None:
+        """Add one micro-batch: `logits [B, T + P, V]`, text `labels [B, T]` (before patch splicing, -100 = ignored,
+        on the logits' device), `dataset_names` B names (bytes or str). Asynchronous: no GPU->CPU sync."""
+        num_patches = self.num_patches
+        batch, length = labels.shape
+        if logits.shape[:2] != (batch, length + num_patches):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} plus "
+                             f"{num_patches} patches.")
+        device = logits.device
+        labels = labels.to(device, non_blocking=True)
+        shifted = logits[:, num_patches:-1]  # position P + j predicts text token j + 1
+        gt = labels[:, 1:]  # [B, T - 1]
+        token_loss = F.cross_entropy(shifted.float().flatten(0, 1), gt.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="none").view(batch, length - 1)
+        preds = shifted.argmax(dim=-1)
+        mask = (gt > self.action_token_begin_idx) & (gt < self.vocab_end)  # action tokens only (facts §9.5)
+        if self._centers.device != device:
+            self._centers = self._centers.to(device)
+        l1 = torch.where(mask, (self._decode(preds) - self._decode(gt)).abs(), 0.0)
+        per_sample = torch.stack([
+            token_loss.double().sum(dim=1),
+            (gt != IGNORE_INDEX).sum(dim=1).double(),
+            ((preds == gt) & mask).sum(dim=1).double(),
+            mask.sum(dim=1).double(),
+            l1.sum(dim=1),
+            torch.ones(batch, dtype=torch.float64, device=device),
+        ], dim=1)  # [B, 6]
+        if self._sums.device != device:
+            self._sums, self.device = self._sums.to(device), device
+        self._sums[0] += per_sample.sum(dim=0)
+        if dataset_names is not None and len(dataset_names) > 0 and self.dataset_names:
+            if len(dataset_names) != batch:
+                raise ValueError(f"Got {len(dataset_names)} dataset names for a batch of {batch}.")
+            self._sums.index_add_(0, self._dataset_rows(dataset_names, device), per_sample)
+
+    def pack(self, device: torch.device) -> torch.Tensor:
+        return self._sums.flatten().to(device)
+
+    def summarize(self, totals: list[float], world_size: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for row, name in enumerate([self.prefix, *self.dataset_names]):
+            sums = totals[row * _NUM_COLUMNS:(row + 1) * _NUM_COLUMNS]
+            if row > 0 and sums[_SAMPLES] == 0:  # dataset not seen in this window: log nothing for it
+                continue
+            if sums[_LOSS_TOKENS] > 0:
+                metrics[f"{name}/Loss"] = sums[_LOSS_SUM] / sums[_LOSS_TOKENS]
+            if sums[_ACTION_TOKENS] > 0:
+                metrics[f"{name}/Action Token Accuracy"] = sums[_CORRECT] / sums[_ACTION_TOKENS]
+                metrics[f"{name}/L1 Loss"] = sums[_L1_SUM] / sums[_ACTION_TOKENS]
+        return metrics
+
+    def reset(self) -> None:
+        self._sums.zero_()
+
+    def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Window means across ranks, then reset. Collective: call on every rank."""
+        return reduce_metrics(self, group=group)
+
+
+# === Throughput ===
+
+
+class ThroughputMeter:
+    """Step time, data-wait fraction, samples/s and tokens/s over a logging window, as global figures.
+
+    Counts (samples, tokens) are summed across ranks in `reduce_metrics`' all-reduce and divided by the mean window
+    wall time, so rates are for the whole job; times are means over ranks. Token counts may be device tensors
+    (e.g. `attention_mask.sum() + B * P`) and are added on device without a sync. The window is timed on the host
+    between reductions; `pack` waits for the device first so the time queued GPU work takes is counted.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", prefix: str = "VLA Train") -> None:
+        self.device, self.prefix = torch.device(device), prefix
+        self._tokens = torch.zeros(2, dtype=torch.float64, device=self.device)  # [total, supervised]
+        self._window_start = self._window_end = time.perf_counter()
+        self._steps, self._samples, self._wait = 0, 0, 0.0
+
+    @contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        """Wrap `next(data_iterator)`: the time inside counts as data wait."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._wait += time.perf_counter() - start
+
+    def count(self, samples: int, tokens: torch.Tensor | int, supervised_tokens: torch.Tensor | int) -> None:
+        """Add one micro-batch: `samples` sequences, `tokens` LLM positions, `supervised_tokens` labelled ones."""
+        self._samples += samples
+        self._tokens[0] += tokens
+        self._tokens[1] += supervised_tokens
+
+    def step(self) -> None:
+        """Mark the end of one optimizer step."""
+        self._steps += 1
+
+    def pack(self, device: torch.device) -> torch.Tensor:
+        if self._tokens.device.type == "cuda":
+            torch.cuda.synchronize(self._tokens.device)
+        self._window_end = time.perf_counter()
+        host = torch.tensor([self._steps, self._window_end - self._window_start, self._wait, self._samples],
+                            dtype=torch.float64)
+        return torch.cat([host.to(device), self._tokens.to(device)])
+
+    def summarize(self, totals: list[float], world_size: int) -> dict[str, float]:
+        steps, elapsed, wait, samples, tokens, supervised = totals
+        if steps == 0 or elapsed <= 0:
+            return {}
+        mean_elapsed = elapsed / world_size
+        return {
+            f"{self.prefix}/Step Time": elapsed / steps,  # (sum of elapsed) / (sum of steps) = mean per step
+            f"{self.prefix}/Samples per Second": samples / mean_elapsed,
+            f"{self.prefix}/Tokens per Second": tokens / mean_elapsed,
+            f"{self.prefix}/Supervised Tokens per Second": supervised / mean_elapsed,
+            f"{self.prefix}/Data Wait Fraction": wait / elapsed,
+        }
+
+    def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Window figures across ranks, then reset (its own small all-reduce; `reduce_metrics(action_metrics, self)`
+        shares ActionMetrics' one). Collective: call on every rank."""
+        return reduce_metrics(self, group=group)
+
+    def reset(self) -> None:
+        self._tokens.zero_()
+        self._window_start = self._window_end
+        self._steps, self._samples, self._wait = 0, 0, 0.0
+
+
+# === Progress bar ===
+
+
+class ProgressBar:
+    """A tqdm bar (step / total, loss, samples/s, ETA) on rank 0; every method is a no-op on the other ranks."""
+
+    def __init__(self, total: int | None, initial: int = 0, is_main: bool | None = None,
+                 desc: str = "VLA training") -> None:
+        is_main = _is_rank_zero() if is_main is None else is_main
+        self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True) if is_main else None
+
+    def update(self, step: int, metrics: dict[str, Any] | None = None) -> None:
+        """Move to global step `step` (call every step or on logging steps only); show loss and throughput from
+        `metrics` (a reduced dict) when given."""
+        if self._bar is None:
+            return
+        if metrics:
+            postfix = {}
+            if "VLA Train/Loss" in metrics:
+                postfix["loss"] = f"{metrics['VLA Train/Loss']:.4f}"
+            if "VLA Train/Samples per Second" in metrics:
+                postfix["samples/s"] = f"{metrics['VLA Train/Samples per Second']:.1f}"
+            self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

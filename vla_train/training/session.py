@@ -1,0 +1,144 @@
+"""Build everything a training run needs, in small factories: process group, run directory, model, data, FSDP,
+optimizer, schedule, checkpoints, metrics. `build_session` validates the whole config before any work."""
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vla_train.config.train import TrainConfig, resolve_run_id, validate_train_config, write_run_configs
+from vla_train.data.collator import PaddedCollatorForActionPrediction
+from vla_train.data.interleave import PipelineConfig
+from vla_train.data.statistics import save_dataset_statistics
+from vla_train.data.torch_dataset import RLDSBatchTransform, RLDSDataset
+from vla_train.log import logger, setup_logging
+from vla_train.models.action_tokenizer import ActionTokenizer
+from vla_train.models.build import check_all_fp32
+from vla_train.models.freezing import freeze_backbones
+from vla_train.models.run_dir import load_base_vlm, load_run_dir
+from vla_train.models.vlm import PrismaticVLM
+from vla_train.training.checkpoint import CheckpointManager
+from vla_train.training.distributed import DistributedContext, barrier, init_distributed
+from vla_train.training.optim import build_lr_scheduler, build_optimizer, num_training_steps, record_parameter_shapes
+from vla_train.training.parallelize import parallelize_vlm
+
+
+@dataclass
+class TrainingSession:
+    cfg: TrainConfig
+    ctx: DistributedContext
+    run_id: str
+    run_dir: Path
+    vlm: PrismaticVLM
+    action_tokenizer: ActionTokenizer
+    dataset: RLDSDataset
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    checkpoints: CheckpointManager
+    total_steps: int
+    steps_per_epoch: int
+    grad_accumulation_steps: int
+    start_step: int = 0
+    start_epoch: int = 0
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Explicit per-rank seeds for python, numpy and torch (model init is seeded separately, identically per rank)."""
+    rank_seed = seed + rank
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    torch.manual_seed(rank_seed)
+    os.environ["EXPERIMENT_GLOBAL_SEED"] = str(seed)
+
+
+def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The DCP checkpoint directory to resume from exactly, or None for a fresh start / fine-tuning."""
+    if cfg.resume is not None:
+        if cfg.resume != "auto":
+            return CheckpointManager(Path(cfg.resume).resolve().parents[1]).find_path(Path(cfg.resume))
+        latest = CheckpointManager(run_dir).latest_complete()
+        logger.info("--resume auto: %s", f"resuming from {latest}" if latest else "no complete checkpoint, fresh start")
+        return latest
+    if cfg.pretrained_checkpoint is not None and cfg.is_resume:
+        checkpoint = Path(cfg.pretrained_checkpoint)
+        return CheckpointManager(checkpoint.parents[1]).find(cfg.resume_step, cfg.resume_epoch)
+    return None
+
+
+def load_model(cfg: TrainConfig) -> PrismaticVLM:
+    """The model in FP32 before any resume: the base VLM, or a checkpoint to fine-tune from."""
+    if cfg.pretrained_checkpoint is not None and not cfg.is_resume:
+        checkpoint = Path(cfg.pretrained_checkpoint)
+        return load_run_dir(checkpoint.parents[1], checkpoint=checkpoint)
+    return load_base_vlm(cfg.vla.base_vlm)
+
+
+def build_dataset(cfg: TrainConfig, ctx: DistributedContext, vlm: PrismaticVLM,
+                  action_tokenizer: ActionTokenizer) -> RLDSDataset:
+    tokenizer = vlm.llm_backbone.get_tokenizer()
+    transform = RLDSBatchTransform(action_tokenizer, tokenizer, vlm.vision_backbone.get_image_transform(),
+                                   vlm.llm_backbone.prompt_builder_fn)
+    pipeline = PipelineConfig(
+        data_root_dir=Path(cfg.data_root_dir), data_mix=cfg.vla.data_mix,
+        resize_resolution=tuple(vlm.vision_backbone.default_image_resolution[1:]),
+        shuffle_buffer_size=cfg.vla.shuffle_buffer_size, image_aug=cfg.image_aug, seed=cfg.seed, rank=ctx.rank,
+        world_size=ctx.world_size, deterministic=cfg.deterministic_data, registry_dirs=tuple(cfg.registry_dirs))
+    return RLDSDataset(pipeline, transform, is_main_process=ctx.is_main, barrier=barrier)
+
+
+def build_session(cfg: TrainConfig) -> TrainingSession:
+    """Collective: call on every rank."""
+    ctx = init_distributed()
+    setup_logging(ctx.rank)
+    validate_train_config(cfg, ctx.world_size)
+    seed_everything(cfg.seed, ctx.rank)
+    run_id = resolve_run_id(cfg, ctx.world_size)
+    run_dir = Path(cfg.run_root_dir) / run_id
+    resume_from = resolve_resume(cfg, run_dir)
+
+    vlm = load_model(cfg)
+    check_all_fp32(vlm)
+    stage = cfg.vla.stage()
+    freeze_backbones(vlm, stage)
+    tokenizer = vlm.llm_backbone.get_tokenizer()
+    action_tokenizer = ActionTokenizer(tokenizer, vocab_end=vlm.llm_backbone.action_vocab_end)
+    dataset = build_dataset(cfg, ctx, vlm, action_tokenizer)
+    if ctx.is_main:  # rank-0-only side effects: the run directory's config and statistics files
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_run_configs(cfg, run_dir)
+        save_dataset_statistics(dataset.dataset_statistics, run_dir)
+    barrier()
+
+    collator = PaddedCollatorForActionPrediction(tokenizer.model_max_length, tokenizer.pad_token_id)
+    loader = DataLoader(dataset, batch_size=cfg.vla.per_device_batch_size, collate_fn=collator, num_workers=0)
+    shapes = record_parameter_shapes(vlm)
+    parallelize_vlm(vlm, ctx, strategy=cfg.vla.train_strategy, stage=stage,
+                    mixed_precision=cfg.vla.enable_mixed_precision_training,
+                    reduce_in_full_precision=cfg.vla.reduce_in_full_precision,
+                    activation_checkpointing=cfg.vla.enable_gradient_checkpointing,
+                    checkpoint_vision_blocks=cfg.vla.checkpoint_vision_blocks)
+    optimizer = build_optimizer(vlm, cfg.vla.learning_rate, cfg.vla.weight_decay, shapes)
+    total_steps = num_training_steps(cfg.vla.max_steps, cfg.vla.epochs, len(dataset), cfg.vla.global_batch_size)
+    scheduler = build_lr_scheduler(optimizer, cfg.vla.lr_scheduler_type, total_steps, cfg.vla.warmup_ratio)
+    session = TrainingSession(
+        cfg=cfg, ctx=ctx, run_id=run_id, run_dir=run_dir, vlm=vlm, action_tokenizer=action_tokenizer,
+        dataset=dataset, loader=loader, optimizer=optimizer, scheduler=scheduler,
+        checkpoints=CheckpointManager(run_dir, keep_last_k=cfg.keep_last_k), total_steps=total_steps,
+        steps_per_epoch=max(1, len(dataset) // cfg.vla.global_batch_size),
+        grad_accumulation_steps=cfg.vla.grad_accumulation_steps(ctx.world_size))
+    if resume_from is not None:
+        train_state, data_state = session.checkpoints.load(resume_from, model=vlm, optimizer=optimizer,
+                                                           scheduler=scheduler)
+        dataset.load_state_dict(data_state)
+        session.start_step, session.start_epoch = int(train_state["step"]), int(train_state["epoch"])
+        logger.info("Resumed exactly from %s at step %d", resume_from, session.start_step)
+    logger.info("Run %s: %d steps (%d per epoch), global batch %d = %d per device x %d ranks x %d accumulation",
+                run_id, total_steps, session.steps_per_epoch, cfg.vla.global_batch_size,
+                cfg.vla.per_device_batch_size, ctx.world_size, session.grad_accumulation_steps)
+    return session
