@@ -1,14 +1,17 @@
 """torchrun, 2 processes, gloo: every freezing stage and sharding strategy, exact resume, SIGTERM, bad configs."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 import torch
 
-from tests.e2e.conftest import assert_ok, step_losses, torchrun, train_args
+from tests.e2e.conftest import REPO, assert_ok, step_losses, torchrun, train_args
 from vla_train.config.train import load_train_config
 from vla_train.models.run_dir import load_run_dir
 
@@ -94,3 +97,32 @@ def test_bad_configs_fail_before_any_work(demo_data, tmp_path):
     result = torchrun(train_args(demo_data, tmp_path, "--vla.global_batch_size", "5"))
     assert result.returncode != 0 and "global_batch_size" in result.stdout + result.stderr
     assert not (tmp_path / RUN_ID).exists()  # nothing half-written
+
+
+def test_reference_resume_flags_and_fine_tuning_from_a_checkpoint(demo_data, tmp_path):
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    assert_ok(torchrun(train_args(demo_data, first, "--vla.max_steps", "4", "--stop_after_steps", "2")))
+    checkpoints = first / RUN_ID / "checkpoints"
+    (step_two,) = checkpoints.glob("step-000002-epoch-*.pt")
+    epoch = int(step_two.name.split("epoch-")[1][:2])
+    resumed = torchrun(train_args(demo_data, first, "--vla.max_steps", "4", "--pretrained_checkpoint", str(step_two),
+                                  "--resume_step", "2", "--resume_epoch", str(epoch)))
+    assert_ok(resumed)
+    assert "Resumed exactly from" in resumed.stderr
+    losses = step_losses(first / RUN_ID)
+    assert sorted(losses) == [1, 2, 3, 4]
+    (step_four,) = checkpoints.glob("step-000004-epoch-*.pt")
+    tuned_run = torchrun(train_args(demo_data, tuned, "--vla.max_steps", "1", "--pretrained_checkpoint",
+                                    str(step_four), "--is_resume", "false"))
+    assert_ok(tuned_run)
+    assert step_losses(tuned / RUN_ID)[1] < losses[1]  # starts from the trained weights, not the base VLM
+
+
+def test_plain_python_runs_as_world_size_one(demo_data, tmp_path):
+    command = [sys.executable, "vla-scripts/train.py", *train_args(demo_data, tmp_path, "--vla.max_steps", "2",
+                                                                  "--vla.expected_world_size", "1")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    assert_ok(result)
+    assert sorted(step_losses(tmp_path / RUN_ID)) == [1, 2]
+    assert "global batch 4 = 2 per device x 1 ranks x 2 accumulation" in result.stderr
