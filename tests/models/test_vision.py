@@ -26,7 +26,7 @@ EXPECTED = {
 
 
 def _normalize_steps(backbone: VisionBackbone):
-    return [transform.transforms[-1] for transform in backbone.image_transform.transforms]
+    return [transform.normalize for transform in backbone.image_transform.transforms]
 
 
 @pytest.mark.parametrize("backbone_id", sorted(EXPECTED))
@@ -148,3 +148,17 @@ def test_siglip_featurizers_pin_the_reference_weights_tag():
     for backbone_id in ("siglip-vit-so400m", "siglip-vit-so400m-384px", "dinosiglip-vit-so-224px"):
         specs = VISION_BACKBONES[backbone_id].featurizers
         assert all(s.timm_id.endswith((".webli", ".lvd142m")) for s in specs.values()), backbone_id
+
+
+def test_fused_featurizers_share_geometry_and_match_torchvision(rgb_image):
+    from torchvision import transforms as T
+
+    backbone = VisionBackbone("tiny-dinosiglip-vit", "resize-naive")
+    keys = {t.geometry_key for t in backbone.image_transform.transforms}
+    assert len(keys) == 1  # both featurizers resize alike: the work is done once
+    out = backbone.image_transform(rgb_image)
+    for key, transform in zip(("dino", "siglip"), backbone.image_transform.transforms, strict=True):
+        reference = T.Compose([transform.geometry, T.ToTensor(), transform.normalize])(rgb_image)
+        assert torch.equal(out[key], reference)
+    letterbox = VisionBackbone("tiny-dinosiglip-vit", "letterbox")
+    assert len({t.geometry_key for t in letterbox.image_transform.transforms}) == 2  # different fills

@@ -56,34 +56,62 @@ def validate_resize_strategy(strategy: str) -> str:
     return strategy
 
 
+@dataclass(frozen=True)
+class FeaturizerTransform:
+    """One featurizer's transform split into geometry (PIL -> PIL: letterbox, resize, crop) and normalization.
+
+    `geometry_key` identifies the geometry, so fused featurizers that resize and crop alike share that work.
+    """
+
+    geometry_key: tuple
+    geometry: Callable[[Image.Image], Image.Image]
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(to_float_tensor(self.geometry(image)))
+
+
+def to_float_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> `[3, H, W]` float32 in [0, 1] (the values of torchvision's ToTensor, computed faster)."""
+    return TF.pil_to_tensor(image).to(torch.float32).div_(255.0)
+
+
 def build_featurizer_transform(
     norm: NormalizationConfig, strategy: str, resize_shorter_side_to_size: bool
-) -> Callable[[Image.Image], torch.Tensor]:
+) -> FeaturizerTransform:
     """One featurizer's transform; `resize_shorter_side_to_size` is the reference's SigLIP/IN1K no-crop fix."""
     validate_resize_strategy(strategy)
     size, interpolation = norm.image_size, _INTERPOLATIONS[norm.interpolation]
     if strategy == "resize-naive":
-        resize = T.Resize((size, size), interpolation=interpolation)
+        resize_to: int | tuple[int, int] = (size, size)
     elif resize_shorter_side_to_size:
-        resize = T.Resize(size, interpolation=interpolation)
+        resize_to = size
     else:
-        resize = T.Resize(math.floor(size / norm.crop_pct), interpolation=interpolation)
-    steps: list[Callable] = [resize, T.CenterCrop(size), T.ToTensor(), T.Normalize(norm.mean, norm.std)]
-    if strategy == "letterbox":
-        steps.insert(0, LetterboxPad(tuple(int(channel * 255) for channel in norm.mean)))
-    return T.Compose(steps)
+        resize_to = math.floor(size / norm.crop_pct)
+    steps: list[Callable] = [T.Resize(resize_to, interpolation=interpolation), T.CenterCrop(size)]
+    fill = tuple(int(channel * 255) for channel in norm.mean) if strategy == "letterbox" else None
+    if fill is not None:
+        steps.insert(0, LetterboxPad(fill))
+    key = (strategy, resize_to, size, norm.interpolation, fill)
+    return FeaturizerTransform(key, T.Compose(steps), T.Normalize(norm.mean, norm.std))
 
 
 class ImageTransform:
     """PIL image -> `[3, S, S]` tensor (one featurizer) or `{key: [3, S, S]}` (fused featurizers)."""
 
-    def __init__(self, keys: Sequence[str], transforms: Sequence[Callable[[Image.Image], torch.Tensor]]) -> None:
+    def __init__(self, keys: Sequence[str], transforms: Sequence[FeaturizerTransform]) -> None:
         self.keys, self.transforms = tuple(keys), tuple(transforms)
         self.is_fused = len(self.keys) > 1
 
     def __call__(self, image: Image.Image) -> torch.Tensor | dict[str, torch.Tensor]:
         if image.mode != "RGB":
             image = image.convert("RGB")
+        shared: dict[tuple, torch.Tensor] = {}
+        outputs = []
+        for transform in self.transforms:
+            if transform.geometry_key not in shared:
+                shared[transform.geometry_key] = to_float_tensor(transform.geometry(image))
+            outputs.append(transform.normalize(shared[transform.geometry_key]))
         if not self.is_fused:
-            return self.transforms[0](image)
-        return {key: transform(image) for key, transform in zip(self.keys, self.transforms, strict=True)}
+            return outputs[0]
+        return dict(zip(self.keys, outputs, strict=True))
