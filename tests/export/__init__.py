@@ -1,0 +1,1 @@
+"""Tests of vla_train/export: Hugging Face export and import, and the action server."""

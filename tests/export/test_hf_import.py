@@ -1,0 +1,180 @@
+"""Import of an OpenVLA-format Hugging Face directory: import(export(x)) reproduces x exactly, the released layout
+(reference-style config, sharded safetensors) imports, errors name the problem, and train.py fine-tunes the result."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.export.test_hf_export import PARITY_MODEL_IDS, RELEASED_OPENVLA_7B, REPO, load_native, make_run_dir
+from vla_train.export.hf import export_hf
+from vla_train.export.hf_import import import_hf, match_model_config, read_hf_config
+from vla_train.models.run_dir import read_model_config
+
+CHECKPOINT = "step-000000-epoch-00-loss=inf.pt"
+
+
+def assert_same_checkpoint(original: Path, imported: Path) -> None:
+    a = torch.load(original, weights_only=True)["model"]
+    b = torch.load(imported, weights_only=True)["model"]
+    assert list(a) == list(b) or set(a) == set(b) == {"vision_backbone", "projector", "llm_backbone"}
+    for module in a:
+        assert set(a[module]) == set(b[module]), (module, set(a[module]) ^ set(b[module]))
+        for key, tensor in a[module].items():
+            assert b[module][key].dtype == torch.float32
+            assert torch.equal(b[module][key], tensor), f"{module}.{key}"
+
+
+def same_logits(run_a: Path, run_b: Path) -> bool:
+    model_a, model_b = load_native(run_a), load_native(run_b)
+    tokenizer = model_a.llm_backbone.get_tokenizer()
+    ids = torch.tensor([tokenizer("In: What action should the robot take to wave?\nOut: ").input_ids])
+    size = model_a.vision_backbone.spec.image_size
+    pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    pixel_values = {k: pixels for k in model_a.vision_backbone.keys} if model_a.vision_backbone.is_fused else pixels
+    with torch.no_grad():
+        return torch.equal(model_a(input_ids=ids, pixel_values=pixel_values).logits,
+                           model_b(input_ids=ids, pixel_values=pixel_values).logits)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """(run_dir, hf_dir) of the demo model, exported once for the error tests."""
+    root = tmp_path_factory.mktemp("tiny_export")
+    run_dir = make_run_dir("tiny-dinosiglip+tiny-llama", root / "run")
+    return run_dir, export_hf(run_dir, root / "hf")
+
+
+def copy_dir(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+@pytest.mark.parametrize("model_id", PARITY_MODEL_IDS)
+def test_import_of_export_reproduces_every_tensor(model_id, tmp_path):
+    run_dir = make_run_dir(model_id, tmp_path / "run")
+    hf_dir = export_hf(run_dir, tmp_path / "hf")
+    checkpoint = import_hf(hf_dir, tmp_path / "imported")
+    imported = tmp_path / "imported"
+    assert checkpoint == imported / "checkpoints" / CHECKPOINT
+    assert (imported / "checkpoints" / "latest-checkpoint.pt").samefile(checkpoint)
+    assert_same_checkpoint(run_dir / "checkpoints" / "latest-checkpoint.pt", checkpoint)
+    config = json.loads((imported / "config.json").read_text())
+    assert config["vla"]["base_vlm"] == model_id and config["vla"]["type"] == "hf"
+    assert json.loads((imported / "dataset_statistics.json").read_text()) == \
+        json.loads((run_dir / "dataset_statistics.json").read_text())
+    assert read_model_config(imported) == read_model_config(run_dir)
+    assert same_logits(run_dir, imported)
+
+
+def test_sharded_weights_and_a_reference_style_config_import(tiny_export, tmp_path):
+    run_dir, _ = tiny_export
+    sharded = export_hf(run_dir, tmp_path / "sharded", max_shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    # The released openvla-7b's config.json: no model_id or fields of this project, a minimal text_config.
+    config = json.loads((sharded / "config.json").read_text())
+    for key in ("model_id", "action_vocab_end", "prompt_suffix_ids", "vla_prompt_template", "timm_model_kwargs"):
+        config.pop(key)
+    config["text_config"] = {"model_type": "llama", "pad_token_id": 512, "vocab_size": 576}
+    (sharded / "config.json").write_text(json.dumps(config))
+    checkpoint = import_hf(sharded, tmp_path / "imported", vla_id="released")
+    assert_same_checkpoint(run_dir / "checkpoints" / "latest-checkpoint.pt", checkpoint)
+    vla = json.loads((tmp_path / "imported" / "config.json").read_text())["vla"]
+    assert vla == {"type": "released", "vla_id": "released", "base_vlm": "tiny-dinosiglip+tiny-llama"}
+
+
+def test_the_released_openvla_7b_config_maps_to_its_registered_base(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(RELEASED_OPENVLA_7B))
+    model_cfg, registered = match_model_config(read_hf_config(tmp_path))
+    assert registered and model_cfg.model_id == "prism-dinosiglip-224px+7b"
+
+
+def test_an_unregistered_base_model_gets_a_base_run_dir(tiny_export, tmp_path):
+    run_dir, hf_dir = tiny_export
+    custom = copy_dir(hf_dir, tmp_path / "custom")
+    config = json.loads((custom / "config.json").read_text())
+    config["llm_max_length"] = 256  # no registered ModelConfig has this
+    (custom / "config.json").write_text(json.dumps(config))
+    checkpoint = import_hf(custom, tmp_path / "imported")
+    base_dir = Path(json.loads((tmp_path / "imported" / "config.json").read_text())["vla"]["base_vlm"])
+    assert base_dir == (tmp_path / "imported" / "base_vlm").resolve()
+    assert (base_dir / "checkpoints" / "latest-checkpoint.pt").samefile(checkpoint)
+    model_cfg = read_model_config(tmp_path / "imported")
+    assert model_cfg.llm_max_length == 256 and model_cfg.model_id == "tiny-dinosiglip+tiny-llama"
+    assert load_native(tmp_path / "imported").llm_backbone.get_tokenizer().model_max_length == 256
+    assert same_logits(run_dir, tmp_path / "imported")
+
+
+def test_import_errors_name_the_problem(tiny_export, tmp_path):
+    _, hf_dir = tiny_export
+    with pytest.raises(FileNotFoundError, match=r"nowhere/config.json does not exist"):
+        import_hf(tmp_path / "nowhere", tmp_path / "out")
+
+    def broken(name: str, **changes) -> Path:
+        directory = copy_dir(hf_dir, tmp_path / name)
+        config = json.loads((directory / "config.json").read_text())
+        config.update(changes)
+        (directory / "config.json").write_text(json.dumps(config))
+        return directory
+
+    with pytest.raises(ValueError, match="vision_backbone_id: Unknown vision backbone 'dinov9-vit'"):
+        import_hf(broken("vision", vision_backbone_id="dinov9-vit"), tmp_path / "out")
+    with pytest.raises(ValueError, match="llm_backbone_id: Unknown LLM backbone 'llama9-70b'"):
+        import_hf(broken("llm", llm_backbone_id="llama9-70b"), tmp_path / "out")
+    with pytest.raises(ValueError, match="norm_stats is empty"):
+        import_hf(broken("stats", norm_stats={}), tmp_path / "out")
+
+    weights = broken("weights")
+    state = load_file(weights / "model.safetensors")
+    del state["projector.fc3.bias"]
+    save_file(state, weights / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'projector' weights .* missing keys \['projector.4.bias'\]"):
+        import_hf(weights, tmp_path / "out")
+    state["projector.fc3.bias"], state["language_model.extra.weight"] = torch.zeros(64), torch.zeros(1)
+    save_file(state, weights / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected keys \['llm.extra.weight'\]"):
+        import_hf(weights, tmp_path / "out")
+    state["vision_backbone.mystery.weight"] = torch.zeros(1)
+    save_file(state, weights / "model.safetensors")
+    with pytest.raises(ValueError, match=r"Unexpected weight keys \['vision_backbone.mystery.weight'\]"):
+        import_hf(weights, tmp_path / "out")
+    (weights / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has neither model.safetensors nor"):
+        import_hf(weights, tmp_path / "out")
+
+    import_hf(hf_dir, tmp_path / "ok")
+    with pytest.raises(FileExistsError, match="--overwrite true"):
+        import_hf(hf_dir, tmp_path / "ok")
+    import_hf(hf_dir, tmp_path / "ok", overwrite=True)
+
+
+def test_import_script_output_fine_tunes_with_train_py(tiny_export, tmp_path):
+    from vla_train.data.demo import write_demo_datasets
+
+    _, hf_dir = tiny_export
+    imported = tmp_path / "imported"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"}
+    command = [sys.executable, "vla-scripts/import_hf.py", "--hf_dir", str(hf_dir), "--out_dir", str(imported)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--is_resume false" in result.stderr
+
+    data = tmp_path / "data"
+    write_demo_datasets(data, num_episodes=4, episode_length=6, image_size=64, seed=0, val_fraction=0.25)
+    checkpoint = imported / "checkpoints" / CHECKPOINT
+    command = [sys.executable, "vla-scripts/train.py", "--vla.type", "tiny-test", "--data_root_dir", str(data),
+               "--run_root_dir", str(tmp_path / "runs"), "--trackers", "[jsonl]", "--vla.expected_world_size", "1",
+               "--vla.max_steps", "1", "--vla.shuffle_buffer_size", "8", "--pretrained_checkpoint", str(checkpoint),
+               "--is_resume", "false"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert f"from {checkpoint}" in result.stderr  # the model came from the imported weights
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "checkpoints" / "latest-checkpoint.pt").is_file()

@@ -1,0 +1,236 @@
+"""Export a training run's checkpoint as a Hugging Face OpenVLA directory (loadable with transformers alone).
+
+`export_hf(run_dir, out_dir)` writes (facts §10.2, with the reference's defects fixed):
+- `config.json`: `OpenVLAConfig` fields, `norm_stats` from the run's `dataset_statistics.json`, the LLM's *real*
+  `text_config` (the reference wrote a default LlamaConfig, §12 item 41), the action-token layout and prompt suffix,
+  and an `auto_map` for AutoConfig, AutoModelForImageTextToText (transformers 5), AutoModelForVision2Seq (4.x),
+  AutoImageProcessor and AutoProcessor;
+- `model*.safetensors` with the reference HF key layout (see `vla_train.export.keys`), FP32 by default;
+- the tokenizer, `preprocessor_config.json`, `processor_config.json`, `dataset_statistics.json`;
+- the remote-code modules of `vla_train/export/hf_remote/`.
+The model is assembled on the meta device and filled with the checkpoint's tensors (`assign=True`), so a 7B export
+needs about one copy of the weights in memory and no random initialization.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from vla_train.config.model import ModelConfig
+from vla_train.export.hf_remote import REMOTE_MODULES
+from vla_train.export.hf_remote.configuration_prismatic import OpenVLAConfig
+from vla_train.export.hf_remote.modeling_prismatic import OpenVLAForActionPrediction
+from vla_train.export.hf_remote.processing_prismatic import PrismaticImageProcessor, PrismaticProcessor
+from vla_train.export.keys import MODULE_KEYS, check_module_state, native_to_hf
+from vla_train.log import logger
+from vla_train.models.build import build_vlm
+from vla_train.models.llm import PAD_TO_MULTIPLE_OF
+from vla_train.models.openvla import OpenVLA
+from vla_train.models.prompts import VLA_QUESTION_TEMPLATE, PromptBuilder
+from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, read_model_config
+from vla_train.models.vision import VisionBackbone
+
+REMOTE_DIR = Path(__file__).with_name("hf_remote")
+DATASET_STATISTICS = "dataset_statistics.json"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+AUTO_MAP = {
+    "AutoConfig": "configuration_prismatic.OpenVLAConfig",
+    "AutoModelForImageTextToText": "modeling_prismatic.OpenVLAForActionPrediction",
+    "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
+    "AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
+    "AutoProcessor": "processing_prismatic.PrismaticProcessor",
+}
+PROCESSOR_AUTO_MAP = {key: AUTO_MAP[key] for key in ("AutoImageProcessor", "AutoProcessor")}
+_EXAMPLE_INSTRUCTION = "pick up the red block"
+
+
+def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
+    """`checkpoints/latest-checkpoint.pt` (else the newest `step-*.pt`), or the `step-{step:06d}-*.pt` of `step`."""
+    checkpoints = Path(run_dir) / CHECKPOINT_SUBDIR
+    if step is None:
+        path = checkpoints / LATEST_CHECKPOINT
+        if path.is_file():
+            return path
+        newest = sorted(checkpoints.glob("step-*.pt"))
+        if not newest:
+            raise FileNotFoundError(f"{checkpoints} holds no checkpoint ({LATEST_CHECKPOINT} or step-*.pt): "
+                                    "train first.")
+        return newest[-1]
+    matches = sorted(checkpoints.glob(f"step-{step:06d}-*.pt"))
+    if not matches:
+        available = sorted(p.name for p in checkpoints.glob("step-*.pt"))
+        raise FileNotFoundError(f"No checkpoint for step {step} in {checkpoints}. Fix: pass --step for one of "
+                                f"{available or 'none (train first)'}.")
+    return matches[-1]
+
+
+def read_norm_stats(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / DATASET_STATISTICS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: a VLA export needs the run's action statistics (training "
+                                "writes them). Fix: pass the run directory of a VLA training run.")
+    stats = json.loads(path.read_text())
+    bad = [name for name, entry in stats.items() if not isinstance(entry, dict) or "q01" not in entry.get("action", {})]
+    if not stats or bad:
+        raise ValueError(f"{path} has no action q01/q99 statistics for {bad or 'any dataset'}.")
+    return stats
+
+
+def prompt_suffix_ids(prompt_builder_fn: type[PromptBuilder], tokenizer: Any) -> list[int]:
+    """Ids that follow the right-stripped VLA prompt at training time (e.g. `[29871]`, the lone space, for Llama-2).
+
+    Users (and the reference's deploy script) prompt with the stripped text (`...\\nOut:`); the model appends these.
+    """
+    builder = prompt_builder_fn("openvla")
+    builder.add_turn("human", VLA_QUESTION_TEMPLATE.format(instruction=_EXAMPLE_INSTRUCTION))
+    full = list(tokenizer(builder.generation_prompt()).input_ids)
+    stripped = list(tokenizer(builder.get_prompt()).input_ids)
+    if full[: len(stripped)] != stripped:
+        raise ValueError(f"The stripped prompt {builder.get_prompt()!r} does not tokenize to a prefix of the training "
+                         f"prompt {builder.generation_prompt()!r} ({stripped[-4:]} vs {full[-5:]}); the exported "
+                         "model could not restore the training context.")
+    return full[len(stripped):]
+
+
+def vla_prompt_template(prompt_builder_fn: type[PromptBuilder]) -> str:
+    """The prompt users pass to the processor, with `{instruction}` (lower-cased at training time) to fill in."""
+    builder = prompt_builder_fn("openvla")
+    builder.add_turn("human", VLA_QUESTION_TEMPLATE.format(instruction="{instruction}"))
+    return builder.get_prompt()
+
+
+def featurizer_settings(vision: VisionBackbone) -> list[dict[str, Any]]:
+    """Per featurizer: timm id, extra timm arguments, act layer, and the image-transform parameters."""
+    settings = []
+    for key, spec in vision.spec.featurizers.items():
+        data_config = timm.data.resolve_model_data_config(getattr(vision, vision.featurizer_name(key)))
+        overrides = dict(spec.overrides)
+        settings.append({
+            "timm_id": spec.timm_id, "act_layer": overrides.pop("act_layer", None), "kwargs": overrides,
+            "interpolation": data_config["interpolation"], "crop_pct": float(data_config["crop_pct"]),
+            "mean": [float(x) for x in data_config["mean"]], "std": [float(x) for x in data_config["std"]],
+            "resize_shorter_side": spec.resize_shorter_side_to_size})
+    return settings
+
+
+def build_hf_config(vlm: OpenVLA, model_cfg: ModelConfig, norm_stats: dict[str, Any],
+                    dtype: torch.dtype) -> OpenVLAConfig:
+    """The exported `OpenVLAConfig` of a (meta-device) native OpenVLA."""
+    llm, vision = vlm.llm_backbone, vlm.vision_backbone
+    tokenizer = llm.get_tokenizer()
+    featurizers = featurizer_settings(vision)
+    text_config = llm.llm.config.to_dict()
+    for key in ("_name_or_path", "architectures", "transformers_version"):
+        text_config.pop(key, None)
+    dtype_name = str(dtype).removeprefix("torch.")
+    text_config.update(use_cache=True, pad_token_id=tokenizer.pad_token_id, dtype=dtype_name)
+    return OpenVLAConfig(
+        vision_backbone_id=model_cfg.vision_backbone_id, llm_backbone_id=model_cfg.llm_backbone_id,
+        arch_specifier=model_cfg.arch_specifier, use_fused_vision_backbone=vision.is_fused,
+        image_resize_strategy=model_cfg.image_resize_strategy, text_config=text_config,
+        hf_llm_id=llm.spec.hf_hub_path, llm_max_length=model_cfg.llm_max_length,
+        pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=PAD_TO_MULTIPLE_OF,
+        timm_model_ids=[f["timm_id"] for f in featurizers],
+        timm_override_act_layers=[f["act_layer"] for f in featurizers],
+        timm_model_kwargs=[f["kwargs"] for f in featurizers],
+        image_sizes=[vision.spec.image_size] * len(featurizers), model_id=model_cfg.model_id,
+        norm_stats=norm_stats, n_action_bins=vlm.action_tokenizer.n_bins,
+        action_vocab_end=vlm.action_tokenizer.vocab_end,
+        prompt_suffix_ids=prompt_suffix_ids(llm.prompt_builder_fn, tokenizer),
+        vla_prompt_template=vla_prompt_template(llm.prompt_builder_fn),
+        dtype=dtype_name, architectures=["OpenVLAForActionPrediction"])
+
+
+def build_image_processor(vision: VisionBackbone) -> PrismaticImageProcessor:
+    """The image processor that reproduces `vision.get_image_transform()` (stacked on the channel axis)."""
+    featurizers, size = featurizer_settings(vision), vision.spec.image_size
+    return PrismaticImageProcessor(
+        use_fused_vision_backbone=vision.is_fused, image_resize_strategy=vision.image_resize_strategy,
+        input_sizes=[[3, size, size]] * len(featurizers), interpolations=[f["interpolation"] for f in featurizers],
+        means=[f["mean"] for f in featurizers], stds=[f["std"] for f in featurizers],
+        crop_pcts=[f["crop_pct"] for f in featurizers],
+        resize_shorter_side=[f["resize_shorter_side"] for f in featurizers])
+
+
+def load_checkpoint_modules(checkpoint: Path, vlm: OpenVLA) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's three module state dicts, checked key by key and shape by shape against `vlm`."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    modules = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(modules, dict):
+        raise ValueError(f"{checkpoint} is not a Prismatic checkpoint: expected a dict with a 'model' dict.")
+    missing = [key for key in MODULE_KEYS if key not in modules]
+    if missing:
+        raise ValueError(f"{checkpoint} lacks {['model.' + key for key in missing]} (has {sorted(modules)}): an "
+                         "export needs all three modules, as VLA training saves them.")
+    for key in MODULE_KEYS:
+        expected = {name: tensor.shape for name, tensor in getattr(vlm, key).state_dict().items()}
+        check_module_state(expected, modules[key], key, checkpoint)
+    return modules
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def save_processor(processor: PrismaticProcessor, out_dir: Path) -> None:
+    """Tokenizer and processor files in the layout both transformers 5 and 4.x read.
+
+    transformers 5 nests the image processor in `processor_config.json`; 4.x reads `preprocessor_config.json` and
+    passes every other `processor_config.json` key to the processor's constructor. So: the image processor (with its
+    `auto_map`) goes to `preprocessor_config.json`, and `processor_config.json` names only the class. The tokenizer
+    class is recorded as `PreTrainedTokenizerFast` (transformers 5 loads any `openvla` tokenizer with its tokenizers
+    backend regardless; 4.x has no `TokenizersBackend`).
+    """
+    processor.save_pretrained(out_dir)
+    image_processor = {**processor.image_processor.to_dict(), "image_processor_type": "PrismaticImageProcessor",
+                       "processor_class": "PrismaticProcessor", "auto_map": dict(PROCESSOR_AUTO_MAP)}
+    _write_json(out_dir / "preprocessor_config.json", image_processor)
+    _write_json(out_dir / "processor_config.json",
+                {"processor_class": "PrismaticProcessor", "auto_map": dict(PROCESSOR_AUTO_MAP)})
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, dtype: str = "fp32",
+              overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
+    """Export `run_dir`'s checkpoint (latest, or `step`) to `out_dir` as a Hugging Face directory; returns out_dir."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}. Fix: pass --dtype one of {sorted(DTYPES)}.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty. Fix: pass --overwrite true or another --out_dir.")
+    model_cfg = read_model_config(run_dir)
+    norm_stats = read_norm_stats(run_dir)
+    checkpoint = find_checkpoint(run_dir, step)
+    with torch.device("meta"):
+        vlm = build_vlm(model_cfg, vla=True, norm_stats=norm_stats, inference_mode=True)
+    assert isinstance(vlm, OpenVLA)
+    modules = load_checkpoint_modules(checkpoint, vlm)
+    config = build_hf_config(vlm, model_cfg, norm_stats, DTYPES[dtype])
+    hf_state = {key: tensor.to(DTYPES[dtype]) for key, tensor in
+                native_to_hf(modules, vlm.vision_backbone.keys).items()}
+
+    with torch.device("meta"):
+        model = OpenVLAForActionPrediction(config)
+    check_module_state({k: v.shape for k, v in model.state_dict().items()}, hf_state, "exported model", checkpoint)
+    model.load_state_dict(hf_state, strict=True, assign=True)
+    model.tie_weights()  # tied LLMs (Qwen2.5): the head shares the embedding again after `assign`
+    on_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if on_meta:
+        raise RuntimeError(f"Export left tensors without values: {on_meta[:8]}.")
+    model.config.auto_map = dict(AUTO_MAP)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    processor = PrismaticProcessor(build_image_processor(vlm.vision_backbone), vlm.llm_backbone.get_tokenizer())
+    save_processor(processor, out_dir)
+    for name in REMOTE_MODULES:
+        shutil.copyfile(REMOTE_DIR / name, out_dir / name)
+    shutil.copyfile(run_dir / DATASET_STATISTICS, out_dir / DATASET_STATISTICS)
+    logger.info("Exported %s (%s) to %s as %s", checkpoint, model_cfg.model_id, out_dir, dtype)
+    return out_dir

@@ -1,0 +1,160 @@
+"""Import an OpenVLA-format Hugging Face directory as a Prismatic training run directory (for fine-tuning).
+
+Input: the layout of the released `openvla-7b` (or of `export_hf`): `config.json` with `vision_backbone_id`,
+`llm_backbone_id`, `arch_specifier`, `image_resize_strategy`, `llm_max_length`, `norm_stats`, and safetensors weights
+(`model.safetensors`, or shards listed in `model.safetensors.index.json`) in the reference HF key layout.
+
+Output (`import_hf(hf_dir, out_dir)`), what `train.py --pretrained_checkpoint <...>.pt --is_resume false` reads:
+- `config.json` with a `vla` section whose `base_vlm` is the registered ModelConfig id matching the HF config, or,
+  when none matches, a base-VLM run directory written to `out_dir/base_vlm` (its `config.json` "model" section, and
+  `checkpoints/latest-checkpoint.pt` linked to the imported weights);
+- `dataset_statistics.json` (the config's `norm_stats`);
+- `checkpoints/step-000000-epoch-00-loss=inf.pt` (`{"model": {"vision_backbone", "projector", "llm_backbone"}}` in
+  FP32) and `checkpoints/latest-checkpoint.pt` (a hard link, else a copy).
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import draccus
+import torch
+from safetensors.torch import load_file
+
+from vla_train.config.model import ModelConfig
+from vla_train.export.hf import DATASET_STATISTICS
+from vla_train.export.keys import MODULE_KEYS, check_module_state, hf_to_native
+from vla_train.log import logger
+from vla_train.models.build import build_vlm
+from vla_train.models.image_transforms import validate_resize_strategy
+from vla_train.models.llm import get_llm_backbone_spec
+from vla_train.models.projector import projector_kind
+from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, atomic_torch_save
+from vla_train.models.vision import get_vision_backbone_spec
+from vla_train.training.checkpoint_io import atomic_link_or_copy, checkpoint_name
+
+REQUIRED_FIELDS = ("vision_backbone_id", "llm_backbone_id", "arch_specifier", "image_resize_strategy", "norm_stats")
+IDENTITY_FIELDS = ("vision_backbone_id", "llm_backbone_id", "arch_specifier", "image_resize_strategy",
+                   "llm_max_length")
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BASE_VLM_SUBDIR = "base_vlm"
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """`config.json` of an OpenVLA-format directory, checked for the fields the import needs."""
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist. Fix: pass --hf_dir an OpenVLA-format Hugging Face directory "
+                                "(config.json, safetensors weights), e.g. a download of openvla/openvla-7b.")
+    config = json.loads(path.read_text())
+    missing = [field for field in REQUIRED_FIELDS if field not in config]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not an OpenVLA config (model_type={config.get('model_type')!r}).")
+    config.setdefault("llm_max_length", 2048)
+    context = f"{path}: "
+    for field, check in (("vision_backbone_id", get_vision_backbone_spec), ("llm_backbone_id", get_llm_backbone_spec),
+                         ("arch_specifier", projector_kind), ("image_resize_strategy", validate_resize_strategy)):
+        try:
+            check(config[field])
+        except ValueError as error:
+            raise ValueError(f"{context}{field}: {error} Fix: register it in vla_train (models/vision.py, "
+                             "models/llm.py) or import a model this project supports.") from error
+    if not isinstance(config["norm_stats"], dict) or not config["norm_stats"]:
+        raise ValueError(f"{context}norm_stats is empty: an OpenVLA model needs its action statistics.")
+    return config
+
+
+def match_model_config(config: dict[str, Any]) -> tuple[ModelConfig, bool]:
+    """`(model_cfg, registered)`: the registered ModelConfig whose identifying fields equal the HF config's (the
+    config's own `model_id` first), else a new ModelConfig with those fields."""
+    wanted = {field: config[field] for field in IDENTITY_FIELDS}
+    known = sorted(ModelConfig.get_known_choices())
+    preferred = [config["model_id"]] if config.get("model_id") in known else []
+    for model_id in preferred + known:
+        candidate = ModelConfig.get_choice_class(model_id)()
+        if all(getattr(candidate, field) == value for field, value in wanted.items()):
+            return candidate, True
+    model_id = config.get("model_id") or f"hf-{config['vision_backbone_id']}+{config['llm_backbone_id']}"
+    base = ModelConfig.get_choice_class(model_id)() if model_id in known else None
+    model_cfg = dataclasses.replace(base, **wanted) if base is not None else ModelConfig(model_id=model_id, **wanted)
+    return model_cfg, False
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors` or of the shards named by `model.safetensors.index.json`, in FP32 (the
+    training master dtype; converted shard by shard, so a bf16 7B model peaks at its FP32 size plus one shard)."""
+    index = hf_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / SAFETENSORS).is_file():
+        shards = [SAFETENSORS]
+    else:
+        found = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+        raise FileNotFoundError(f"{hf_dir} has neither {SAFETENSORS} nor {SAFETENSORS_INDEX} (weight files: "
+                                f"{found or 'none'}). Fix: save the model with safe_serialization=True.")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (hf_dir / shard).is_file():
+            raise FileNotFoundError(f"{index} names the shard {shard}, which is missing from {hf_dir}.")
+        state.update({key: tensor.to(torch.float32) for key, tensor in load_file(hf_dir / shard).items()})
+    return state
+
+
+def to_native_modules(state: dict[str, torch.Tensor], model_cfg: ModelConfig,
+                      source: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """HF tensors -> the three native module state dicts, checked against the model `model_cfg` builds."""
+    with torch.device("meta"):
+        vlm = build_vlm(model_cfg, inference_mode=True)
+    modules = hf_to_native(state, vlm.vision_backbone.keys)
+    llm = modules["llm_backbone"]
+    # A tied head is saved once (transformers drops the tied copy); the native checkpoint stores both names.
+    if vlm.llm_backbone.llm.config.tie_word_embeddings and "llm.lm_head.weight" not in llm and \
+            "llm.model.embed_tokens.weight" in llm:
+        llm["llm.lm_head.weight"] = llm["llm.model.embed_tokens.weight"]
+    for key in MODULE_KEYS:
+        expected = {name: tensor.shape for name, tensor in getattr(vlm, key).state_dict().items()}
+        check_module_state(expected, modules[key], key, source)
+    return modules
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def write_base_vlm_dir(model_cfg: ModelConfig, base_dir: Path, checkpoint: Path) -> None:
+    """A base-VLM run directory (`config.json` "model" section) whose latest checkpoint is the imported one."""
+    _write_json(base_dir / "config.json", {"model": {"type": model_cfg.model_id, **draccus.encode(model_cfg)}})
+    (base_dir / CHECKPOINT_SUBDIR).mkdir(parents=True, exist_ok=True)
+    atomic_link_or_copy(checkpoint, base_dir / CHECKPOINT_SUBDIR / LATEST_CHECKPOINT)
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, *, vla_id: str | None = None,
+              overwrite: bool = False) -> Path:
+    """Write a training run directory for `hf_dir`'s weights and statistics; returns its checkpoint `.pt` path."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config = read_hf_config(hf_dir)
+    checkpoint = out_dir / CHECKPOINT_SUBDIR / f"{checkpoint_name(0, 0, None)}.pt"
+    if checkpoint.exists() and not overwrite:
+        raise FileExistsError(f"{checkpoint} exists. Fix: pass --overwrite true or another --out_dir.")
+    model_cfg, registered = match_model_config(config)
+    modules = to_native_modules(read_hf_weights(hf_dir), model_cfg, hf_dir)
+
+    atomic_torch_save({"model": modules}, checkpoint)
+    atomic_link_or_copy(checkpoint, checkpoint.parent / LATEST_CHECKPOINT)
+    if registered:
+        base_vlm = model_cfg.model_id
+    else:
+        base_dir = (out_dir / BASE_VLM_SUBDIR).resolve()
+        write_base_vlm_dir(model_cfg, base_dir, checkpoint)
+        base_vlm = str(base_dir)
+    vla_id = vla_id or hf_dir.resolve().name
+    _write_json(out_dir / "config.json", {
+        "vla": {"type": vla_id, "vla_id": vla_id, "base_vlm": base_vlm},
+        "imported_from": {"hf_dir": str(hf_dir.resolve()), "model_type": config.get("model_type"),
+                          "transformers_version": config.get("transformers_version")}})
+    _write_json(out_dir / DATASET_STATISTICS, config["norm_stats"])
+    logger.info("Imported %s as %s (base VLM %s); fine-tune with --pretrained_checkpoint %s --is_resume false",
+                hf_dir, out_dir, base_vlm, checkpoint)
+    return checkpoint

@@ -1,0 +1,8 @@
+"""Remote-code modules copied verbatim into every exported Hugging Face directory (not part of the copy: this file).
+
+`configuration_prismatic.py`, `modeling_prismatic.py` and `processing_prismatic.py` import only torch, timm,
+transformers, numpy, PIL and each other (relative imports), so an exported directory loads with transformers alone and
+`trust_remote_code=True`. Being a package here lets the exporter and the tests import the very same classes.
+"""
+
+REMOTE_MODULES = ("configuration_prismatic.py", "modeling_prismatic.py", "processing_prismatic.py")
