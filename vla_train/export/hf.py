@@ -25,13 +25,13 @@ from vla_train.export.hf_remote import REMOTE_MODULES
 from vla_train.export.hf_remote.configuration_prismatic import OpenVLAConfig
 from vla_train.export.hf_remote.modeling_prismatic import OpenVLAForActionPrediction
 from vla_train.export.hf_remote.processing_prismatic import PrismaticImageProcessor, PrismaticProcessor
-from vla_train.export.keys import MODULE_KEYS, check_module_state, native_to_hf
+from vla_train.export.keys import MODULE_KEYS, native_to_hf
 from vla_train.log import logger
 from vla_train.models.build import build_vlm
 from vla_train.models.llm import PAD_TO_MULTIPLE_OF
 from vla_train.models.openvla import OpenVLA
 from vla_train.models.prompts import VLA_QUESTION_TEMPLATE, PromptBuilder
-from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, read_model_config
+from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, check_module_state, read_model_config
 from vla_train.models.vision import VisionBackbone
 
 REMOTE_DIR = Path(__file__).with_name("hf_remote")

@@ -24,13 +24,13 @@ from safetensors.torch import load_file
 
 from vla_train.config.model import ModelConfig
 from vla_train.export.hf import DATASET_STATISTICS
-from vla_train.export.keys import MODULE_KEYS, check_module_state, hf_to_native
+from vla_train.export.keys import MODULE_KEYS, hf_to_native
 from vla_train.log import logger
 from vla_train.models.build import build_vlm
 from vla_train.models.image_transforms import validate_resize_strategy
 from vla_train.models.llm import get_llm_backbone_spec
 from vla_train.models.projector import projector_kind
-from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, atomic_torch_save
+from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, atomic_torch_save, check_module_state
 from vla_train.models.vision import get_vision_backbone_spec
 from vla_train.training.checkpoint_io import atomic_link_or_copy, checkpoint_name
 

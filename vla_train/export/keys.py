@@ -10,7 +10,6 @@ The mapping is a bijection on the keys a model has, so `hf_to_native(native_to_h
 """
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
@@ -75,18 +74,3 @@ def hf_to_native(state: Mapping[str, torch.Tensor],
                          f"({len(unknown)} in all): not vision_backbone.{{{', '.join(names)}}}.*, projector.fc*.* or "
                          "language_model.*.")
     return modules
-
-
-def check_module_state(expected: Mapping[str, torch.Size | Sequence[int]], state: Mapping[str, torch.Tensor],
-                       name: str, source: str | Path) -> None:
-    """Raise a ValueError naming missing / unexpected keys (up to 8 each) or the first shape mismatch."""
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        raise ValueError(f"{source}: '{name}' weights do not match the model: missing keys {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}).")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key]):
-            raise ValueError(f"{source}: shape mismatch for '{name}.{key}': weights {tuple(tensor.shape)}, model "
-                             f"{tuple(expected[key])}.")

@@ -10,6 +10,7 @@ released Prismatic base VLMs) keeps the featurizers' pretrained timm weights, re
 import dataclasses
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +85,24 @@ def read_model_config(run_dir: Path) -> ModelConfig:
     return dataclasses.replace(base, **values) if base is not None else ModelConfig(**values)
 
 
+def check_module_state(expected: Mapping[str, torch.Size | Sequence[int]], state: Mapping[str, torch.Tensor],
+                       name: str, source: str | Path) -> None:
+    """Raise a ValueError naming missing / unexpected keys (up to 8 each) or the first shape mismatch (both shapes)."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{source}: '{name}' weights do not match the model: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}).")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key]):
+            raise ValueError(f"{source}: shape mismatch for '{name}.{key}': checkpoint {tuple(tensor.shape)}, model "
+                             f"{tuple(expected[key])}.")
+
+
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], name: str, source: Path) -> None:
     """Strict load with errors naming the file, the key and both shapes."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"{source}: '{name}' does not match the model: missing keys {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}.")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: shape mismatch for '{name}.{key}': checkpoint {tuple(tensor.shape)}, "
-                             f"model {tuple(expected[key].shape)}.")
+    check_module_state({key: value.shape for key, value in module.state_dict().items()}, state, name, source)
     module.load_state_dict(state, strict=True)
 
 
