@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import draccus
 import torch
 import torch.distributed as dist
 
@@ -63,7 +64,7 @@ class Trainer:
     def __init__(self, session: TrainingSession) -> None:
         self.s = session
         cfg = session.cfg
-        hparams = {"vla": {"type": cfg.vla.vla_id}, "run_id": session.run_id}
+        hparams = draccus.encode(cfg)  # the same content as config.json, as the reference logs it
         self.trackers = make_trackers(cfg.trackers, session.run_id, session.run_dir, hparams, cfg.wandb_project,
                                       cfg.wandb_entity, session.ctx.is_main)
         names = [spec.name for spec in session.dataset.plan.specs]
