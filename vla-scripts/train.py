@@ -8,8 +8,8 @@ import vla_train  # noqa: F401  (fixes the torch/torchvision/timm-before-tensorf
 # isort: split
 
 import draccus
-from vla_train.config.train import TrainConfig
 
+from vla_train.config.train import TrainConfig
 from vla_train.training.entry import train
 
 
