@@ -53,3 +53,11 @@ def check_standardized(output: dict[str, Any], length: int, action_dim: int = 7)
     assert output["language_instruction"].shape == (length,)
     assert isinstance(output["observation"], dict)
     assert np.all(np.isfinite(output["action"]))
+
+
+IMAGE = Feature(dtype="image")
+TEXT = Feature(dtype="string")
+FLAG = Feature(dtype="bool")
+# the per-step fields of an externally converted Open-X dataset, besides observation and action
+STEP_EXTRAS = {"discount": Feature(), "reward": Feature(), "is_first": FLAG, "is_last": FLAG, "is_terminal": FLAG,
+               "language_embedding": Feature((512,)), "language_instruction": TEXT}

@@ -6,16 +6,19 @@ Feature structures come from the TFDS catalog pages (tensorflow/datasets `docs/c
 import numpy as np
 import pytest
 
-from tests.data.synthetic import Feature, check_standardized, run_in_graph, synthetic_trajectory
+from tests.data.synthetic import (
+    IMAGE,
+    STEP_EXTRAS,
+    TEXT,
+    Feature,
+    check_standardized,
+    run_in_graph,
+    synthetic_trajectory,
+)
 from vla_train.data.standardize import get_standardize_transform
 from vla_train.data.tf_setup import tf
 
 T = 8
-IMAGE = Feature(dtype="image")
-TEXT = Feature(dtype="string")
-FLAG = Feature(dtype="bool")
-STEP_EXTRAS = {"discount": Feature(), "reward": Feature(), "is_first": FLAG, "is_last": FLAG, "is_terminal": FLAG,
-               "language_embedding": Feature((512,)), "language_instruction": TEXT}
 
 
 def rlds(observation: dict, action, metadata: dict | None = None, extras: dict | None = None) -> dict:
