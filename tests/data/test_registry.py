@@ -287,6 +287,22 @@ def test_joint_pos_dataset_in_a_mixture(tmp_path, fake_transforms):
     assert load_registry(base_dir=tmp_path).dataset("toy_joint").action_dim == 8
 
 
+def test_joint_pos_dataset_named_as_data_mix_is_refused_with_the_same_message(tmp_path, fake_transforms):
+    datasets, _ = toy_registry(tmp_path, {"mix": [["toy", 1.0], ["toy_joint", 1.0]]})
+    with pytest.raises(RegistryError) as in_mixture:
+        load_registry(base_dir=tmp_path)
+    toy_registry(tmp_path, {})
+    registry = load_registry(base_dir=tmp_path)
+    with pytest.raises(RegistryError) as named_directly:
+        registry.resolve_mixture("toy_joint")  # what plan_mixture does with data_mix="toy_joint"
+    assert str(named_directly.value).startswith(f"{datasets}: entry 'toy_joint': ")
+    problem = "dataset 'toy_joint' has action_encoding JOINT_POS (8-D actions), which VLA training does not support"
+    assert problem in str(in_mixture.value) and problem in str(named_directly.value)
+    assert str(in_mixture.value).split(": entry 'mix': ")[1] == str(named_directly.value).split(
+        ": entry 'toy_joint': ")[1]
+    assert registry.resolve_mixture("toy") == [(registry.dataset("toy"), 1.0)]
+
+
 def test_malformed_yaml(tmp_path, fake_transforms):
     broken = write(tmp_path / "datasets" / "broken.yaml", "datasets:\n  toy: {image_obs_keys: [\n")
     expect_error(tmp_path, broken, None, "not valid YAML")

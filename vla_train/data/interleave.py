@@ -7,6 +7,10 @@ still-encoded images (bounded memory), and only then decoded, resized and augmen
 
 Every random op is seeded from `(seed, rank, world_size)`. With `deterministic=True` the stream is a pure function of
 those and of the position, which is what exact resume uses (`skip_frames`).
+
+`plan_mixture` raises every data error it can know of from the files (`vla_train/data/checks.py`: missing datasets,
+keys the YAML entry or the transform needs that the features lack, a training split without instructions) before any
+stream is built or any run directory is written.
 """
 
 import os
@@ -17,13 +21,20 @@ from typing import Any
 import numpy as np
 
 from vla_train.data import trajectory as traj_ops
+from vla_train.data.checks import check_dataset_keys, check_labeled, locate_datasets
 from vla_train.data.frames import REFERENCE_AUGMENTATION, augment_frame, decode_frame_images
 from vla_train.data.normalize import normalize_tf
 from vla_train.data.registry import DatasetSpec, Registry, load_registry
-from vla_train.data.rlds import Restructure, find_dataset_dir, open_builder, read_trajectories, split_for
+from vla_train.data.rlds import Restructure, held_out_episodes, open_builder, read_trajectories, split_for
 from vla_train.data.shuffle import ProgressiveShuffleBuffer
 from vla_train.data.standardize import get_frame_filter
-from vla_train.data.statistics import compute_statistics, load_or_compute_statistics, statistics_fingerprint
+from vla_train.data.statistics import (
+    LABEL_KEYS,
+    compute_statistics,
+    load_or_compute_statistics,
+    statistics_fingerprint,
+    without_label_counts,
+)
 from vla_train.data.tf_setup import tf
 from vla_train.log import logger
 
@@ -55,6 +66,7 @@ class PipelineConfig:
     world_size: int = 1
     deterministic: bool = False  # ordered parallelism: the stream is a pure function of seeds and position
     registry_dirs: tuple[Path, ...] = ()  # extra YAML registry directories
+    allow_missing_datasets: bool = False  # train on the mixture members present (warns, renormalizes the weights)
     traj_transform_threads: int | None = None  # total across datasets; None = autotune
     traj_read_threads: int | None = None
     threads: int | None = None  # tf.data private thread pool size; None = 2 x this rank's share of the cores
@@ -72,6 +84,21 @@ class MixturePlan:
     dataset_length: int
     transform_threads: list[int | None]
     read_threads: list[int | None]
+    held_out_episodes: list[int]  # per dataset: episodes of its held-out split (`val`, else `train[95%:]`)
+
+    def without_held_out(self) -> list[str]:
+        """`name (dataset_dir)` of each dataset whose held-out split is empty."""
+        return [f"{spec.name} ({directory})" for spec, directory, episodes
+                in zip(self.specs, self.dataset_dirs, self.held_out_episodes, strict=True) if episodes == 0]
+
+    def has_held_out(self, world_size: int = 1) -> bool:
+        """Whether every one of `world_size` ranks gets held-out episodes (a rank reads every world_size-th episode
+        or file of a dataset). The plan is identical on every rank, so every rank decides alike."""
+        return max(self.held_out_episodes, default=0) >= max(1, world_size)
+
+    def stream_members(self, train: bool) -> list[int]:
+        """Indices of the datasets a stream reads: all for training, those with held-out episodes for evaluation."""
+        return [i for i, episodes in enumerate(self.held_out_episodes) if train or episodes > 0]
 
 
 def allocate_threads(total: int | None, weights: list[float]) -> list[int | None]:
@@ -114,7 +141,8 @@ def _statistics_source(builder, spec: DatasetSpec, split: str, dataset_dir: Path
 
     def compute() -> dict[str, Any]:
         trajectories = read_trajectories(builder, split, shuffle_files=False, seed=0).map(restructure).map(
-            lambda t: {"action": t["action"], "proprio": t["observation"]["proprio"]})
+            lambda t: {"action": t["action"], "proprio": t["observation"]["proprio"],
+                       "labeled": tf.strings.length(t["task"]["language_instruction"]) > 0})
         if drop_nonfinite:
             trajectories = trajectories.filter(
                 lambda t: tf.reduce_all(tf.math.is_finite(t["action"])))
@@ -139,36 +167,48 @@ def find_corrupt_files(dataset_dir: Path) -> list[str]:
     return corrupt
 
 
+def _dataset_statistics(cfg: PipelineConfig, spec: DatasetSpec, builder, dataset_dir: Path, is_main_process: bool,
+                        barrier) -> dict[str, Any]:
+    """One dataset's statistics (reference layout, with the action mask); refuses a split without instructions."""
+    split = split_for(builder, train=True)
+    fingerprint = statistics_fingerprint(dataset_dir, spec, split, extra=f"nonfinite={cfg.drop_nonfinite}")
+    stats = load_or_compute_statistics(
+        dataset_dir, fingerprint, _statistics_source(builder, spec, split, dataset_dir, cfg.drop_nonfinite),
+        is_main_process=is_main_process, barrier=barrier, required=LABEL_KEYS)
+    if cfg.skip_unlabeled:
+        check_labeled(spec, dataset_dir, split, stats)
+    stats = without_label_counts(stats)
+    return {**stats, "action": {**stats["action"], "mask": spec.action_normalization_mask}}
+
+
 def plan_mixture(cfg: PipelineConfig, registry: Registry | None = None, *, is_main_process: bool = True,
                  barrier=None) -> MixturePlan:
-    """Resolve the mixture and load (or, on the main process, compute) every dataset's statistics.
+    """Resolve the mixture, check every dataset against its files, then load (or, on the main process, compute)
+    every dataset's statistics. Raises every data error it can find before anything is streamed or written.
 
     Collective when `barrier` is given (the statistics cache): call on every rank.
     """
     registry = registry or load_registry(*cfg.registry_dirs)
-    entries = registry.resolve_mixture(cfg.data_mix)
-    specs, dirs, sizes, statistics = [], [], [], {}
-    for spec, _ in entries:
-        dataset_dir = find_dataset_dir(cfg.data_root_dir, spec)
-        builder = open_builder(dataset_dir)
-        split = split_for(builder, train=True)
-        fingerprint = statistics_fingerprint(dataset_dir, spec, split, extra=f"nonfinite={cfg.drop_nonfinite}")
-        stats = load_or_compute_statistics(
-            dataset_dir, fingerprint, _statistics_source(builder, spec, split, dataset_dir, cfg.drop_nonfinite),
-            is_main_process=is_main_process, barrier=barrier)
-        stats = {**stats, "action": {**stats["action"], "mask": spec.action_normalization_mask}}
-        specs.append(spec)
-        dirs.append(dataset_dir)
-        sizes.append(int(stats["num_transitions"]))
-        statistics[spec.name] = stats
-    raw_weights = [w for _, w in entries]
+    located = locate_datasets(registry.resolve_mixture(cfg.data_mix), cfg.data_root_dir, cfg.data_mix,
+                              cfg.allow_missing_datasets)
+    builders = [open_builder(dataset_dir) for _, _, dataset_dir in located]
+    for (spec, _, dataset_dir), builder in zip(located, builders, strict=True):
+        element_spec = read_trajectories(builder, split_for(builder, train=True), shuffle_files=False,
+                                         seed=0).element_spec
+        check_dataset_keys(spec, element_spec, dataset_dir)
+    specs, dirs = [spec for spec, _, _ in located], [dataset_dir for _, _, dataset_dir in located]
+    statistics = {spec.name: _dataset_statistics(cfg, spec, builder, dataset_dir, is_main_process, barrier)
+                  for spec, builder, dataset_dir in zip(specs, builders, dirs, strict=True)}
+    sizes = [int(statistics[spec.name]["num_transitions"]) for spec in specs]
+    raw_weights = [weight for _, weight, _ in located]
     weights = np.asarray(raw_weights, dtype=np.float64)
     if cfg.balance_weights:
         weights = weights * np.asarray(sizes, dtype=np.float64)
     weights = (weights / weights.sum()).tolist()
     plan = MixturePlan(specs, dirs, weights, sizes, statistics, dataset_length(sizes, raw_weights, weights),
                        allocate_threads(cfg.traj_transform_threads, weights),
-                       allocate_threads(cfg.traj_read_threads, weights))
+                       allocate_threads(cfg.traj_read_threads, weights),
+                       [held_out_episodes(builder) for builder in builders])
     for spec, weight, size in zip(specs, weights, sizes, strict=True):
         logger.info("Mixture %s: %-40s weight %.4f  transitions %d", cfg.data_mix, spec.name, weight, size)
     return plan
@@ -228,18 +268,24 @@ def build_frame_dataset(cfg: PipelineConfig, plan: MixturePlan, *, skip_frames: 
                         reseed: int = 0) -> tf.data.Dataset:
     """The rank's stream of decoded frames (numpy-ready dicts); `skip_frames` resumes a deterministic stream.
 
-    `reseed` (non-deterministic resume) derives fresh seeds instead of skipping.
+    `reseed` (non-deterministic resume) derives fresh seeds instead of skipping. An evaluation stream (`train=False`)
+    reads only the datasets with held-out episodes (`MixturePlan.stream_members`).
     """
     if cfg.window_size < 1 or cfg.future_action_window_size < 0:
         raise ValueError("window_size must be >= 1 and future_action_window_size >= 0.")
     if cfg.shuffle_buffer_size < 1:
         raise ValueError(f"shuffle_buffer_size must be positive, got {cfg.shuffle_buffer_size}.")
-    datasets = [_dataset_frames(cfg, plan, i, _rank_seed(cfg, 0, i, reseed)) for i in range(len(plan.specs))]
+    members = plan.stream_members(cfg.train)
+    if not members:
+        raise ValueError(f"No held-out episodes to evaluate on: the held-out split (val, else train[95%:]) of "
+                         f"{', '.join(plan.without_held_out())} is empty; add a val split or more episodes.")
+    datasets = [_dataset_frames(cfg, plan, i, _rank_seed(cfg, 0, i, reseed)) for i in members]
     if len(datasets) == 1:
         frames = datasets[0]
     else:
-        frames = tf.data.Dataset.sample_from_datasets(datasets, weights=plan.weights, seed=_rank_seed(cfg, 1, reseed),
-                                                      stop_on_empty_dataset=False)
+        weights = np.asarray([plan.weights[i] for i in members], dtype=np.float64)
+        frames = tf.data.Dataset.sample_from_datasets(datasets, weights=(weights / weights.sum()).tolist(),
+                                                      seed=_rank_seed(cfg, 1, reseed), stop_on_empty_dataset=False)
     frames = _shuffled(frames.with_options(_options(cfg)), cfg.shuffle_buffer_size, _rank_seed(cfg, 2, reseed))
     if skip_frames:
         frames = frames.skip(skip_frames)

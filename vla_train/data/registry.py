@@ -82,16 +82,31 @@ class Registry:
         return self.datasets[name]
 
     def resolve_mixture(self, name: str) -> list[tuple[DatasetSpec, float]]:
-        """A registered mixture, or a single registered dataset at weight 1.0 (as the reference allows)."""
+        """A registered mixture, or a single registered dataset at weight 1.0 (as the reference allows; refused, as in
+        a mixture, when VLA training cannot use its action encoding)."""
         if name in self.mixtures:
             return [(self.dataset(d), w) for d, w in self.mixtures[name].entries]
         if name in self.datasets:
-            return [(self.datasets[name], 1.0)]
+            spec = self.datasets[name]
+            problem = unsupported_encoding_problem(spec.name, spec.action_encoding)
+            if problem is not None:
+                raise _fail(Path(spec.source), name, problem)
+            return [(spec, 1.0)]
         raise RegistryError(f"{name!r} is neither a mixture nor a dataset; mixtures: {sorted(self.mixtures)}.")
 
 
 def _fail(source: Path, entry: str, problem: str) -> RegistryError:
     return RegistryError(f"{source}: entry {entry!r}: {problem}")
+
+
+def unsupported_encoding_problem(dataset: str, encoding: str) -> str | None:
+    """Why VLA training refuses a dataset's action encoding (one message, in a mixture or as `data_mix`), or None."""
+    dimension, supported = ACTION_ENCODINGS[encoding]
+    if supported:
+        return None
+    usable = [name for name, (_, ok) in ACTION_ENCODINGS.items() if ok]
+    return (f"dataset {dataset!r} has action_encoding {encoding} ({dimension}-D actions), which VLA training does not "
+            f"support (it needs {' or '.join(usable)}); remove it from the mixture / data_mix.")
 
 
 def _parse_dataset(source: Path, name: str, raw: Any, transforms: set[str]) -> DatasetSpec:
@@ -146,10 +161,9 @@ def _parse_mixture(source: Path, name: str, raw: Any, datasets: dict[str, Datase
             raise _fail(source, name, f"unknown dataset {dataset!r}; define it under rlds_mixtures/datasets/.")
         if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight < math.inf:
             raise _fail(source, name, f"weight of {dataset!r} must be a positive number, got {weight!r}.")
-        encoding = datasets[dataset].action_encoding
-        if not ACTION_ENCODINGS[encoding][1]:
-            raise _fail(source, name, f"dataset {dataset!r} has action_encoding {encoding}, which VLA training does "
-                                      f"not support (EEF_POS, EEF_R6); remove it from the mixture.")
+        problem = unsupported_encoding_problem(dataset, datasets[dataset].action_encoding)
+        if problem is not None:
+            raise _fail(source, name, problem)
         if any(dataset == seen for seen, _ in entries):
             warnings.warn(f"{source}: mixture {name!r} lists {dataset!r} twice; keeping the first weight.",
                           stacklevel=2)

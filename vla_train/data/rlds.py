@@ -20,16 +20,26 @@ from vla_train.data.standardize import get_standardize_transform
 from vla_train.data.tf_setup import tf
 
 
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's directory is missing: `looked_at` is the path searched, `reason` a short why."""
+
+    def __init__(self, message: str, looked_at: Path, reason: str) -> None:
+        super().__init__(message)
+        self.looked_at, self.reason = looked_at, reason
+
+
 def find_dataset_dir(data_root: str | Path, spec: DatasetSpec) -> Path:
     """`<data_root>/<name>/<version>/` (the newest version when the spec pins none), with errors that say what exists."""
     data_root = Path(data_root)
-    if not data_root.is_dir():
-        raise FileNotFoundError(f"Data root {data_root} does not exist (looking for dataset {spec.name!r}).")
     dataset_root = data_root / spec.name
+    looked_at = dataset_root if spec.version is None else dataset_root / spec.version
+    if not data_root.is_dir():
+        raise DatasetNotFoundError(f"Data root {data_root} does not exist (looking for dataset {spec.name!r}).",
+                                   looked_at, "the data root does not exist")
     if not dataset_root.is_dir():
-        present = sorted(p.name for p in data_root.iterdir() if any(p.glob("*/dataset_info.json")))
-        raise FileNotFoundError(f"Dataset {spec.name!r} not found: looked for {dataset_root}. Datasets present in "
-                                f"{data_root}: {present or 'none'}.")
+        raise DatasetNotFoundError(f"Dataset {spec.name!r} not found: looked for {dataset_root}. Datasets present in "
+                                   f"{data_root}: {datasets_present(data_root) or 'none'}.", looked_at,
+                                   "no such directory" if spec.version is None else f"no directory {dataset_root}")
     versions = {}
     for child in dataset_root.iterdir():
         try:
@@ -37,15 +47,24 @@ def find_dataset_dir(data_root: str | Path, spec: DatasetSpec) -> Path:
                 versions[Version(child.name)] = child
         except InvalidVersion:
             continue
+    present = sorted(str(v) for v in versions) or "none"
     if spec.version is not None:
         wanted = dataset_root / spec.version
         if not (wanted / "dataset_info.json").is_file():
-            raise FileNotFoundError(f"Dataset {spec.name!r} has no version {spec.version} at {wanted}; versions "
-                                    f"present: {sorted(str(v) for v in versions) or 'none'}.")
+            raise DatasetNotFoundError(f"Dataset {spec.name!r} has no version {spec.version} at {wanted}; versions "
+                                       f"present: {present}.", wanted, f"no version {spec.version} (present: {present})")
         return wanted
     if not versions:
-        raise FileNotFoundError(f"{dataset_root} holds no tfds version directory (<version>/dataset_info.json).")
+        raise DatasetNotFoundError(f"{dataset_root} holds no tfds version directory (<version>/dataset_info.json).",
+                                   dataset_root, "no <version>/dataset_info.json inside")
     return versions[max(versions)]
+
+
+def datasets_present(data_root: Path) -> list[str]:
+    """Names of the tfds datasets (`<name>/<version>/dataset_info.json`) under a data root."""
+    if not data_root.is_dir():
+        return []
+    return sorted(p.name for p in data_root.iterdir() if any(p.glob("*/dataset_info.json")))
 
 
 def open_builder(dataset_dir: Path) -> tfds.core.DatasetBuilder:
@@ -57,6 +76,11 @@ def split_for(builder: tfds.core.DatasetBuilder, train: bool) -> str:
     if "val" in builder.info.splits:
         return "train" if train else "val"
     return "train[:95%]" if train else "train[95%:]"
+
+
+def held_out_episodes(builder: tfds.core.DatasetBuilder) -> int:
+    """Episodes in the held-out split (0 when `train[95%:]` rounds to nothing, e.g. 10 episodes and no val split)."""
+    return int(builder.info.splits[split_for(builder, train=False)].num_examples)
 
 
 def read_trajectories(

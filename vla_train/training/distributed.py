@@ -60,6 +60,26 @@ def init_distributed(timeout_minutes: int = 30) -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, local_world_size, device, backend)
 
 
+def is_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def collective_device() -> torch.device:
+    """Where collective tensors of the default group must live: the current CUDA device for NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` is True on every rank; collective (every rank must call it, also the ones that failed)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def barrier() -> None:
     """Collective: call on every rank."""
     if dist.is_initialized():
