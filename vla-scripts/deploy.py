@@ -2,7 +2,7 @@
 
 Usage: python vla-scripts/deploy.py --run_dir runs/<run_id> [--step N] [--host 127.0.0.1] [--port 8000]
        python vla-scripts/deploy.py --hf_dir <exported Hugging Face directory>
-See README "Serving" and `vla_train/config/deploy.py` for every option.
+See README "Serving", `vla_train/config/deploy.py` and `--help` for every option.
 """
 
 import vla_train  # noqa: F401  (fixes the torch/torchvision/timm-before-tensorflow import order)

@@ -340,7 +340,7 @@ def test_deploy_script_serves_a_run_directory(run_dir, model):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "vla-scripts/deploy.py", "--run_dir", str(run_dir), "--port", str(port),
-               "--device", "cpu", "--batch_window_ms", "1"]
+               "--device", "cpu", "--batch_window_ms", "1", "--max_image_size", "640", "--max_body_mb", "3"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -348,14 +348,18 @@ def test_deploy_script_serves_a_run_directory(run_dir, model):
             deadline = time.monotonic() + 180
             while True:
                 try:
-                    assert client.health()["unnorm_keys"] == ["demo_a", "demo_b"]
+                    health = client.health()
                     break
                 except ConnectionError:
                     assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
                     time.sleep(0.2)
+            assert health["unnorm_keys"] == ["demo_a", "demo_b"]
+            assert health["max_image_size"] == 640 and health["max_body_bytes"] == 3 << 20  # the limit options
             image = _image(6)
             np.testing.assert_array_equal(client.act(image, "wipe the table", unnorm_key="demo_a"),
                                           _reference(model, image, "wipe the table", "demo_a"))
+            with pytest.raises(ActionServerError, match=r"413: .*shape \(48, 641, 3\).*--max_image_size"):
+                client.act(_image(7, 48, 641), "wipe the table", unnorm_key="demo_a")
     finally:
         process.terminate()
         try:
@@ -366,3 +370,4 @@ def test_deploy_script_serves_a_run_directory(run_dir, model):
     # uvicorn shuts down gracefully (lifespan included), then re-raises the SIGTERM it caught
     assert process.returncode in (0, -signal.SIGTERM), output[-3000:]
     assert f"Serving {MODEL_ID}" in output and "Application shutdown complete" in output
+    assert "Limits: request body 3145728 bytes (--max_body_mb), images 640x640 (--max_image_size)" in output

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+DEFAULT_MAX_IMAGE_SIZE = 2048  # pixels, height and width
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,6 +31,12 @@ class DeployConfig:
     max_batch_size: int = 8  # most requests decoded together in one batched forward
     batch_window_ms: float = 5.0  # how long the first request of a batch waits for others to join it
     device: str = field(default_factory=default_device)  # "cuda" (bf16 autocast, FP32 weights) or "cpu"
+    # Requests over a limit are answered 413 (body, image) or 422 (a prompt longer than the model's context, see
+    # GET /health "max_prompt_tokens"), before they reach the model.
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE  # largest image height or width in pixels (checked before decoding)
+    # largest request body in MiB (checked before it is read); default: 4 x the raw bytes of a max_image_size square
+    # image + 1 MiB (49 MiB at 2048; a 2048x2048 json-numpy image is about 16 MiB)
+    max_body_mb: float | None = None
 
 
 def validate_deploy_config(cfg: DeployConfig) -> None:

@@ -5,7 +5,9 @@
 
 Requests are json-numpy encoded (the reference's payload); `encoded=True` sends the reference's
 `{"encoded": "<json string>"}` form instead and decodes the double-encoded answer. A 4xx/5xx answer raises
-`ActionServerError` with the server's message.
+`ActionServerError` with the server's message: 413 for a body or image over the server's limits, 422 for a bad payload
+or a prompt longer than the model's context (`health()` reports `max_body_bytes`, `max_image_size` and
+`max_prompt_tokens`).
 """
 
 import json

@@ -9,13 +9,15 @@ Batching: requests are validated and preprocessed (prompt ids, image transform) 
 One worker thread owns the model: it takes the first queued request, lets others join for `batch_window_ms` (at most
 `max_batch_size`), groups them by `Prepared.group_key` (prompt length and action dimension for a run directory) and
 runs each group as one batched decoding.
+
+Limits (`vla_train.export.server_limits`): request bodies, images and prompts are bounded (413 / 422 with the limit and
+the option that raises it), all checked before a request reaches the model thread.
 """
 
 import asyncio
 import concurrent.futures
 import json
 import queue
-import reprlib
 import threading
 import time
 from collections import defaultdict, deque
@@ -35,6 +37,17 @@ from starlette.concurrency import run_in_threadpool
 
 from vla_train.config.deploy import DeployConfig, validate_deploy_config
 from vla_train.export.hf import find_checkpoint
+from vla_train.export.server_limits import (
+    PromptLimit,
+    RequestError,
+    ServerLimits,
+    action_dim,
+    max_prompt_tokens,
+    parse_payload,
+    prompt_limit_for,
+    read_body,
+    validate_payload,
+)
 from vla_train.log import logger
 from vla_train.models.llm import get_llm_backbone_spec
 from vla_train.models.openvla import NormStats, OpenVLA, unnormalize_actions
@@ -47,28 +60,8 @@ from vla_train.models.prompts import (
 from vla_train.models.run_dir import load_run_dir
 from vla_train.models.vla_prompt import vla_prompt_prefix_ids
 
-PAYLOAD_HELP = ("expected {'image': uint8 np.ndarray [H, W, 3], 'instruction': str, 'unnorm_key'?: str} encoded "
-                "with json_numpy, or {'encoded': '<that payload as a json_numpy string>'}")
-
-
-class RequestError(ValueError):
-    """A client error, answered with `status_code` and `{"error": message}`."""
-
-    def __init__(self, message: str, status_code: int = 422) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
-def resolve_unnorm_key(norm_stats: NormStats, unnorm_key: str | None) -> str:
-    """The dataset whose statistics un-normalize the action (`OpenVLA` rules, facts §4.8), or a RequestError."""
-    known = sorted(norm_stats)
-    if unnorm_key is None:
-        if len(known) != 1:
-            raise RequestError(f"This model has statistics for several datasets {known}; pass 'unnorm_key'.")
-        return known[0]
-    if unnorm_key not in norm_stats:
-        raise RequestError(f"Unknown unnorm_key {unnorm_key!r}; this model knows {known}.")
-    return unnorm_key
+__all__ = ["ActionModel", "HFActionModel", "OpenVLAActionModel", "Prepared", "RequestBatcher", "RequestError",
+           "ServerLimits", "create_app", "find_checkpoint", "load_action_model", "load_run_dir_model", "serve"]
 
 
 @dataclass
@@ -81,7 +74,8 @@ class Prepared:
 
 
 class ActionModel(Protocol):
-    """What the server needs from a model (run directory or exported Hugging Face directory)."""
+    """What the server needs from a model (run directory or exported Hugging Face directory); `prepare` raises a
+    RequestError for a prompt over `prompt_limit` (an optional attribute: None or absent means no limit)."""
 
     model_id: str
     norm_stats: NormStats
@@ -98,14 +92,19 @@ class OpenVLAActionModel:
     def __init__(self, vla: OpenVLA) -> None:
         self.vla, self.model_id, self.norm_stats = vla.eval(), vla.model_id, vla.norm_stats
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers must not be called concurrently
+        llm = vla.llm_backbone
+        self.prompt_limit: PromptLimit | None = prompt_limit_for(
+            llm.get_tokenizer(), getattr(llm.llm.config, "max_position_embeddings", None), vla.num_patches,
+            fallback_max_length=llm.llm_max_length)
 
     def prepare(self, image: np.ndarray, instruction: str, unnorm_key: str) -> Prepared:
-        llm = self.vla.llm_backbone
+        llm, num_actions = self.vla.llm_backbone, action_dim(self.norm_stats, unnorm_key)
         with self._tokenizer_lock:
             ids = vla_prompt_prefix_ids(llm.prompt_builder_fn, llm.get_tokenizer(), instruction)
+        if self.prompt_limit is not None:
+            self.prompt_limit.check_tokens(len(ids), num_actions)
         pixels = self.vla.vision_backbone.get_image_transform()(Image.fromarray(image).convert("RGB"))
-        action_dim = len(self.norm_stats[unnorm_key]["action"]["q01"])
-        return Prepared(group_key=(len(ids), action_dim), unnorm_key=unnorm_key, inputs=(ids, pixels))
+        return Prepared(group_key=(len(ids), num_actions), unnorm_key=unnorm_key, inputs=(ids, pixels))
 
     def run_batch(self, batch: list[Prepared]) -> list[np.ndarray]:
         device = next(self.vla.parameters()).device
@@ -115,9 +114,9 @@ class OpenVLAActionModel:
             pixel_values = {k: torch.stack([p[k] for p in pixels]).to(device) for k in pixels[0]}
         else:
             pixel_values = torch.stack(pixels).to(device)
-        action_dim = len(self.norm_stats[batch[0].unnorm_key]["action"]["q01"])
+        num_actions = action_dim(self.norm_stats, batch[0].unnorm_key)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            token_ids = self.vla.generate_action_token_ids(input_ids, pixel_values, action_dim).cpu().numpy()
+            token_ids = self.vla.generate_action_token_ids(input_ids, pixel_values, num_actions).cpu().numpy()
         decode = self.vla.action_tokenizer.decode_token_ids_to_actions
         return [unnormalize_actions(decode(row), self.norm_stats[p.unnorm_key]["action"])
                 for row, p in zip(token_ids, batch, strict=True)]
@@ -140,6 +139,21 @@ def hf_prompt_template(config: Any, hf_dir: Path) -> str:
     return builder.get_prompt()
 
 
+def hf_prompt_limit(processor: Any, model: Any) -> PromptLimit | None:
+    """The exported model's prompt limit: its tokenizer's `model_max_length` (else `config.llm_max_length`) and its
+    LLM's `max_position_embeddings` less the image patches; the `prompt_suffix_ids` it appends count as prompt."""
+    config = model.config
+    featurizer = getattr(getattr(model, "vision_backbone", None), "featurizer", None)
+    num_patches = getattr(getattr(featurizer, "patch_embed", None), "num_patches", 0)
+    limit = prompt_limit_for(getattr(processor, "tokenizer", None),
+                             getattr(getattr(config, "text_config", None), "max_position_embeddings", None),
+                             num_patches, len(getattr(model, "prompt_suffix_ids", None) or []),
+                             getattr(config, "llm_max_length", None))
+    if limit is None:
+        logger.warning("Found no context length in the exported model's tokenizer or config: prompts are not limited.")
+    return limit
+
+
 class HFActionModel:
     """An exported Hugging Face directory: `processor(prompt, image)`, then `model.predict_action(**inputs,
     unnorm_key=..., do_sample=False)` (facts §10.2-10.4) on batches of equal-length prompts that share an unnorm_key
@@ -159,12 +173,15 @@ class HFActionModel:
         self.norm_stats: NormStats = dict(self.model.norm_stats or {})
         self.model_id = str(getattr(self.model.config, "model_id", None) or self.hf_dir.name)
         self.prompt_template = hf_prompt_template(self.model.config, self.hf_dir)
+        self.prompt_limit = hf_prompt_limit(self.processor, self.model)
         self._lock = threading.Lock()
 
     def prepare(self, image: np.ndarray, instruction: str, unnorm_key: str) -> Prepared:
         prompt = self.prompt_template.replace("{instruction}", instruction.lower())
         with self._lock:
             inputs = self.processor(prompt, Image.fromarray(image).convert("RGB"))
+        if self.prompt_limit is not None:
+            self.prompt_limit.check_tokens(inputs["input_ids"].shape[-1], action_dim(self.norm_stats, unnorm_key))
         return Prepared(group_key=(unnorm_key, tuple(inputs["input_ids"].shape)), unnorm_key=unnorm_key,
                         inputs=inputs)
 
@@ -265,58 +282,17 @@ class RequestBatcher:
             future.set_result(action)
 
 
-def parse_payload(body: bytes) -> tuple[dict[str, Any], bool]:
-    """`(payload, double_encoded)` from a request body (json-numpy, or the reference's `{"encoded": ...}` form)."""
-    try:
-        payload = json_numpy.loads(body)
-        double_encoded = isinstance(payload, dict) and "encoded" in payload
-        if double_encoded:
-            if set(payload) != {"encoded"} or not isinstance(payload["encoded"], str):
-                raise RequestError(f"An 'encoded' payload must be exactly {{'encoded': <str>}}, got keys "
-                                   f"{sorted(payload)}.", 400)
-            payload = json_numpy.loads(payload["encoded"])
-    except RequestError:
-        raise
-    except Exception as error:  # not JSON, or a broken json-numpy array
-        raise RequestError(f"Could not decode the request body ({type(error).__name__}: {error}); "
-                           f"{PAYLOAD_HELP}.", 400) from error
-    if not isinstance(payload, dict):
-        raise RequestError(f"The payload must be a JSON object, got {type(payload).__name__}; {PAYLOAD_HELP}.", 400)
-    return payload, double_encoded
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, np.ndarray):
-        return f"a {value.dtype} array of shape {tuple(value.shape)}"
-    if isinstance(value, list | dict):
-        return f"a JSON {type(value).__name__} of length {len(value)} (send numpy arrays with json_numpy)"
-    return f"{type(value).__name__} {reprlib.repr(value)}"
-
-
-def validate_payload(payload: dict[str, Any], norm_stats: NormStats) -> tuple[np.ndarray, str, str]:
-    """`(image, instruction, unnorm_key)` of a decoded payload, or a RequestError (422) naming the problem."""
-    missing = [key for key in ("image", "instruction") if key not in payload]
-    if missing:
-        raise RequestError(f"Missing field(s) {missing}; {PAYLOAD_HELP}.")
-    image, instruction, unnorm_key = payload["image"], payload["instruction"], payload.get("unnorm_key")
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-            and image.shape[0] > 0 and image.shape[1] > 0):
-        raise RequestError(f"'image' must be a uint8 array of shape [H, W, 3]; got {_describe(image)}.")
-    if not isinstance(instruction, str) or not instruction.strip():
-        got = repr(instruction) if isinstance(instruction, str) else _describe(instruction)
-        raise RequestError(f"'instruction' must be a non-empty string; got {got}.")
-    if unnorm_key is not None and not isinstance(unnorm_key, str):
-        raise RequestError(f"'unnorm_key' must be a string; got {_describe(unnorm_key)}.")
-    return image, instruction, resolve_unnorm_key(norm_stats, unnorm_key)
-
-
 def _error(status_code: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status_code)
 
 
-def create_app(model: ActionModel, *, max_batch_size: int = 8, batch_window_ms: float = 5.0) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the batcher (`app.state.batcher`)."""
+def create_app(model: ActionModel, *, max_batch_size: int = 8, batch_window_ms: float = 5.0,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the batcher (`app.state.batcher`). `limits` bound request
+    bodies and images (default `ServerLimits()`); the model's `prompt_limit`, if any, bounds prompts."""
     batcher = RequestBatcher(model, max_batch_size, batch_window_ms)
+    limits = limits if limits is not None else ServerLimits()
+    prompt_limit: PromptLimit | None = getattr(model, "prompt_limit", None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -334,13 +310,15 @@ def create_app(model: ActionModel, *, max_batch_size: int = 8, batch_window_ms: 
         dims = {key: len(stats["action"]["q01"]) for key, stats in sorted(model.norm_stats.items())}
         return {"status": "ok", "model_id": model.model_id, "unnorm_keys": list(dims),
                 "action_dim": next(iter(set(dims.values()))) if len(set(dims.values())) == 1 else None,
-                "action_dims": dims, "max_batch_size": max_batch_size, "batch_window_ms": batch_window_ms}
+                "action_dims": dims, "max_batch_size": max_batch_size, "batch_window_ms": batch_window_ms,
+                "max_body_bytes": limits.max_body_bytes, "max_image_size": limits.max_image_size,
+                "max_prompt_tokens": max_prompt_tokens(prompt_limit, model.norm_stats)}
 
     @app.post("/act")
     async def act(request: Request) -> Response:
         try:
-            payload, double_encoded = parse_payload(await request.body())
-            image, instruction, unnorm_key = validate_payload(payload, model.norm_stats)
+            payload, double_encoded = parse_payload(await read_body(request, limits), limits)
+            image, instruction, unnorm_key = validate_payload(payload, model.norm_stats, prompt_limit)
             prepared = await run_in_threadpool(model.prepare, image, instruction, unnorm_key)
             action = await asyncio.wrap_future(batcher.submit(prepared))
         except RequestError as error:
@@ -378,8 +356,13 @@ def serve(cfg: DeployConfig) -> None:
     """Load the model and serve it with uvicorn until interrupted (what `vla-scripts/deploy.py` runs)."""
     import uvicorn
 
+    limits = ServerLimits(max_image_size=cfg.max_image_size, max_body_mb=cfg.max_body_mb)
+    limits.check_fits_largest_image()
     model = load_action_model(cfg)
-    app = create_app(model, max_batch_size=cfg.max_batch_size, batch_window_ms=cfg.batch_window_ms)
+    app = create_app(model, max_batch_size=cfg.max_batch_size, batch_window_ms=cfg.batch_window_ms, limits=limits)
     logger.info("Serving %s (unnorm keys %s) on http://%s:%d: POST /act, GET /health", model.model_id,
                 sorted(model.norm_stats), cfg.host, cfg.port)
+    logger.info("Limits: request body %d bytes (--max_body_mb), images %dx%d (--max_image_size), prompt tokens %s",
+                limits.max_body_bytes, limits.max_image_size, limits.max_image_size,
+                max_prompt_tokens(getattr(model, "prompt_limit", None), model.norm_stats))
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
