@@ -126,3 +126,43 @@ def test_plain_python_runs_as_world_size_one(demo_data, tmp_path):
     assert_ok(result)
     assert sorted(step_losses(tmp_path / RUN_ID)) == [1, 2]
     assert "global batch 4 = 2 per device x 1 ranks x 2 accumulation" in result.stderr
+
+
+def _metric_steps(run_dir) -> list[int]:
+    lines = (run_dir / f"{RUN_ID}.jsonl").read_text().splitlines()
+    return [int(json.loads(line)["VLA Train/Step"]) for line in lines]
+
+
+def test_run_directory_safety_lock_sighup_budget_resume_and_refused_fresh_run(demo_data, tmp_path):
+    """One job per run directory; SIGHUP stops it (no save: the budget is 0 s), `--resume auto` continues from the
+    last periodic checkpoint with each step logged once; a fresh run into the directory is refused."""
+    run_dir = tmp_path / RUN_ID
+    process = torchrun(train_args(demo_data, tmp_path, "--vla.max_steps", "500", "--save_interval", "2",
+                                  "--signal_save_budget_s", "0"), popen=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run_dir / f"{RUN_ID}.jsonl").exists() and len(_metric_steps(run_dir)) >= 3):
+        time.sleep(0.5)
+    second = torchrun(train_args(demo_data, tmp_path, "--resume", "auto"))  # while the first job runs
+    assert second.returncode != 0 and "is in use by another job" in second.stdout + second.stderr
+    for worker in psutil.Process(process.pid).children():
+        worker.send_signal(signal.SIGHUP)  # an ssh hang-up, as torchrun forwards it
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-4000:]
+    assert "Received SIGHUP" in output and "WITHOUT saving" in output
+    last_logged = max(_metric_steps(run_dir))
+    newest = max(int(p.name[5:11]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    assert newest < last_logged and newest % 2 == 0
+    assert not (run_dir / "run.lock").exists()
+
+    config_before = (run_dir / "config.yaml").read_text()
+    fresh = torchrun(train_args(demo_data, tmp_path, "--vla.max_steps", "500", "--save_interval", "2",
+                                "--signal_save_budget_s", "0"))
+    assert fresh.returncode != 0 and "already holds an earlier run" in fresh.stdout + fresh.stderr
+    assert (run_dir / "config.yaml").read_text() == config_before
+
+    resumed = torchrun(train_args(demo_data, tmp_path, "--vla.max_steps", str(last_logged + 1), "--save_interval",
+                                  "2", "--signal_save_budget_s", "0", "--resume", "auto"))
+    assert_ok(resumed)
+    assert f"Resumed exactly from {run_dir / 'checkpoints'}/step-{newest:06d}" in resumed.stderr
+    assert _metric_steps(run_dir) == list(range(1, last_logged + 2))  # each step once
+    assert len(list(run_dir.glob(f"{RUN_ID}.jsonl.before-resume-*"))) == 1

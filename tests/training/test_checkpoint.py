@@ -19,11 +19,13 @@ import torch.multiprocessing as mp
 
 from tests.conftest import build_tiny
 from vla_train.config.model import get_model_config
+from vla_train.log import logger
 from vla_train.models.run_dir import load_run_dir, model_state_dicts, save_base_vlm
 from vla_train.training import checkpoint as checkpoint_module
-from vla_train.training.checkpoint import CheckpointManager
+from vla_train.training.checkpoint import CheckpointManager, CorruptCheckpointError
 from vla_train.training.checkpoint_io import (
     COMPLETE_MARKER,
+    TMP_CONSOLIDATED,
     checkpoint_name,
     consolidated_path,
     parse_checkpoint_name,
@@ -280,7 +282,7 @@ def test_interrupted_saves_never_corrupt_latest(tmp_path, monkeypatch):
     real_torch_save = torch.save
 
     def torch_save_dies_on_consolidated(obj, f, *args, **kwargs):
-        if ".pt.tmp-" in str(f) and Path(f).name.startswith(".step-"):
+        if isinstance(f, str | os.PathLike) and Path(f).name.startswith(f".{TMP_CONSOLIDATED}.tmp-"):
             Path(f).write_bytes(b"half a file")
             raise RuntimeError("killed during the consolidated write")
         return real_torch_save(obj, f, *args, **kwargs)
@@ -289,14 +291,71 @@ def test_interrupted_saves_never_corrupt_latest(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         _save(manager, vlm, optimizer, scheduler, step=3)
     monkeypatch.undo()
+    checkpoints = tmp_path / "checkpoints"
     assert latest.read_bytes() == before
-    assert not consolidated_path(tmp_path / "checkpoints" / checkpoint_name(3, 0, 1.0)).exists()
-    # The DCP directory was committed before the consolidated write: it is complete and resumable.
-    assert manager.latest_complete().name == checkpoint_name(3, 0, 1.0)
+    # the consolidated .pt is written before the commit: nothing was committed, and the failed save cleaned up
+    assert manager.latest_complete() == first
+    assert not consolidated_path(checkpoints / checkpoint_name(3, 0, 1.0)).exists()
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
 
-    final = _save(manager, vlm, optimizer, scheduler, step=4)  # cleans what the interrupted saves left
+    final = _save(manager, vlm, optimizer, scheduler, step=4)
     assert latest.samefile(consolidated_path(final))
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
+
+
+def test_a_kill_during_the_commit_never_leaves_a_checkpoint_without_its_pt(tmp_path, monkeypatch):
+    vlm = build_tiny(MODEL_ID)
+    optimizer, scheduler = _optimizer_and_scheduler(vlm)
+    manager = CheckpointManager(tmp_path)
+    first = _save(manager, vlm, optimizer, scheduler, step=1)
+    real_rename = Path.rename
+
+    def rename_dies(self, target):  # the kill lands between moving the .pt into place and renaming the directory
+        if self.name.endswith(".tmp") and self.name.startswith(".step-000002"):
+            raise RuntimeError("killed before the rename")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        _save(manager, vlm, optimizer, scheduler, step=2)
+    monkeypatch.undo()
+    assert manager.latest_complete() == first
+    for path in [*manager.complete_checkpoints(), _save(manager, vlm, optimizer, scheduler, step=3)]:
+        assert consolidated_path(path).is_file()  # every committed checkpoint has its .pt
+        CheckpointManager.verify(path)
+
+
+@pytest.mark.parametrize("damaged", ["shard", "rank_file", "consolidated"])
+def test_resume_auto_falls_back_from_a_damaged_newest_checkpoint(tmp_path, damaged, caplog):
+    vlm = build_tiny(MODEL_ID)
+    optimizer, scheduler = _optimizer_and_scheduler(vlm)
+    manager = CheckpointManager(tmp_path)
+    first = _save(manager, vlm, optimizer, scheduler, step=1)
+    newest = _save(manager, vlm, optimizer, scheduler, step=2)
+    marker = json.loads((newest / COMPLETE_MARKER).read_text())
+    assert marker["consolidated_size"] == consolidated_path(newest).stat().st_size
+    assert set(marker["files"]) >= {".metadata", "rank-00000.pt"}
+    bad = {"shard": next(newest.glob("*.distcp")), "rank_file": newest / "rank-00000.pt",
+           "consolidated": consolidated_path(newest)}[damaged]
+    with open(bad, "r+b") as file:  # truncated, as by a full disk or a kill during a copy
+        file.truncate(bad.stat().st_size // 2)
+    with pytest.raises(CorruptCheckpointError, match=f"{bad.name}.* has {bad.stat().st_size} bytes"):
+        CheckpointManager.verify(newest)
+    logger.addHandler(caplog.handler)  # the project logger does not propagate once set up
+    try:
+        assert manager.latest_verified() == first
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert bad.name in caplog.text and "Falling back" in caplog.text
+    bad.unlink()
+    with pytest.raises(CorruptCheckpointError, match=f"{bad.name} is missing"):
+        CheckpointManager.verify(newest)
+
+
+def test_markers_without_sizes_still_verify(tmp_path):
+    path = _fake_checkpoint(tmp_path / "checkpoints", checkpoint_name(1, 0, 1.0))  # a format-1 marker
+    CheckpointManager.verify(path)
+    assert CheckpointManager(tmp_path).latest_verified() == path
 
 
 def test_load_refuses_a_changed_world_size(tmp_path):
@@ -391,3 +450,36 @@ def test_two_process_fsdp2_resume_is_exact(tmp_path):
     optimizer, scheduler = _optimizer_and_scheduler(vlm)
     with pytest.raises(ValueError, match="saved by 2 ranks, this run has 1"):
         CheckpointManager(tmp_path / "run").load(path, model=vlm, optimizer=optimizer, scheduler=scheduler)
+
+
+def _failing_save_worker(rank: int, root: str, port: int) -> None:
+    """Rank 1 cannot write its rank file (a full disk, say): both ranks must raise, not wait for each other."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        vlm = _sharded_tiny()
+        optimizer, scheduler = _optimizer_and_scheduler(vlm)
+        manager = CheckpointManager(Path(root) / "run")
+        if rank == 1:
+            def no_space(*args, **kwargs):
+                raise OSError(28, "No space left on device")
+
+            checkpoint_module.atomic_torch_save = no_space
+        try:
+            _save(manager, vlm, optimizer, scheduler, step=1)
+            outcome = "saved"
+        except (OSError, RuntimeError) as error:
+            outcome = f"{type(error).__name__}: {error}"
+        Path(root, f"outcome-{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_a_save_failing_on_one_rank_raises_on_every_rank_and_cleans_up(tmp_path):
+    mp.spawn(_failing_save_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"outcome-{rank}.txt").read_text() for rank in range(2)]
+    assert outcomes[1].startswith("OSError") and "No space left" in outcomes[1]
+    assert outcomes[0].startswith("RuntimeError") and "another rank failed while writing" in outcomes[0]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert list(checkpoints.iterdir()) == []  # no temporary directory, nothing committed

@@ -18,15 +18,9 @@ from tests.conftest import batch_pixels, build_tiny
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.vlm import IGNORE_INDEX
 from vla_train.training import metrics as metrics_module
-from vla_train.training.metrics import (
-    ActionMetrics,
-    JSONLinesTracker,
-    ProgressBar,
-    ThroughputMeter,
-    make_trackers,
-    reduce_metrics,
-    wandb_run_id,
-)
+from vla_train.training import trackers as trackers_module
+from vla_train.training.metrics import ActionMetrics, ProgressBar, ThroughputMeter, reduce_metrics
+from vla_train.training.trackers import JSONLinesTracker, make_trackers, wandb_run_id
 
 VOCAB, PATCHES, LENGTH = 300, 3, 12
 MIXTURE = ["bridge", "fractal", "libero", "unused"]
@@ -257,6 +251,25 @@ def test_jsonl_tracker_appends_on_resume(tmp_path):
                                    "VLA Train/Step": 10}, sort_keys=True)
 
 
+def test_a_resumed_run_keeps_each_step_once_with_a_backup(tmp_path):
+    first = JSONLinesTracker("my-run", tmp_path, start_step=0)
+    for step in range(1, 6):  # the interrupted run logged steps 1..5; its last checkpoint was step 3
+        first.write(step, {"VLA Train/Loss": float(step)})
+    with open(tmp_path / "my-run.jsonl", "a") as file:
+        file.write('{"VLA Train/Step": 6, "VLA Tr')  # cut off by the kill
+    before = (tmp_path / "my-run.jsonl").read_text()
+    resumed = JSONLinesTracker("my-run", tmp_path, start_step=3)
+    for step in range(4, 7):
+        resumed.write(step, {"VLA Train/Loss": 10.0 * step})
+    records = [json.loads(line) for line in (tmp_path / "my-run.jsonl").read_text().splitlines()]
+    assert [r["VLA Train/Step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["VLA Train/Loss"] for r in records] == [1.0, 2.0, 3.0, 40.0, 50.0, 60.0]
+    (backup,) = tmp_path.glob("my-run.jsonl.before-resume-*")
+    assert backup.read_text() == before
+    JSONLinesTracker("my-run", tmp_path, start_step=6)  # nothing to drop: no second backup
+    assert len(list(tmp_path.glob("my-run.jsonl.before-resume-*"))) == 1
+
+
 def test_make_trackers_gates_rank_zero_and_validates(tmp_path):
     with pytest.raises(ValueError, match="tensorboard"):
         make_trackers(["jsonl", "tensorboard"], "r", tmp_path, {}, is_main=False)
@@ -288,11 +301,11 @@ def test_wandb_mode_without_key_is_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    assert metrics_module.wandb_mode() == "offline"
+    assert trackers_module.wandb_mode() == "offline"
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password secret-key\n")
-    assert metrics_module.wandb_mode() == "online"
+    assert trackers_module.wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert metrics_module.wandb_mode() is None  # W&B reads the explicit WANDB_MODE itself
+    assert trackers_module.wandb_mode() is None  # W&B reads the explicit WANDB_MODE itself
 
 
 def test_progress_bar_rank_zero_only(capsys):

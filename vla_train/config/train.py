@@ -13,6 +13,7 @@ written to `config.yaml`.
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -63,6 +64,11 @@ class TrainConfig:
     registry_dirs: tuple[Path, ...] = ()  # extra directories of dataset/mixture YAML (added to rlds_mixtures/)
     log_interval: int = 1  # gradient steps between metric reductions across ranks and log lines
     stop_after_steps: int | None = None  # end this invocation after N steps with a checkpoint (time-limited jobs)
+    overwrite: bool = False  # a fresh run may delete an earlier run in the same run directory (else it is refused)
+    allow_missing_datasets: bool = False  # train on the mixture's datasets present (warns), instead of refusing
+    # After SIGTERM / SIGINT / SIGHUP / SIGUSR1, save only if the last save's duration fits in this many seconds from
+    # the signal (torchrun SIGKILLs its workers --shutdown-timeout, default 30 s, after forwarding one); None: always
+    signal_save_budget_s: float | None = 25.0
 
 
 def resolve_run_id(cfg: TrainConfig, world_size: int | None = None) -> str:
@@ -149,6 +155,10 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
             raise ValueError(f"{name} = {getattr(cfg, name)} must be positive. Fix: pass --{name} >= 1.")
     if cfg.stop_after_steps is not None and cfg.stop_after_steps < 1:
         raise ValueError(f"stop_after_steps = {cfg.stop_after_steps} must be >= 1 (or null to train to the end).")
+    if cfg.signal_save_budget_s is not None and not (math.isfinite(cfg.signal_save_budget_s)
+                                                     and cfg.signal_save_budget_s >= 0):
+        raise ValueError(f"signal_save_budget_s = {cfg.signal_save_budget_s} must be a finite number >= 0 (or null to "
+                         "always save on a stop signal).")
     if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
         raise ValueError(f"keep_last_k = {cfg.keep_last_k} must be >= 1. Fix: pass --keep_last_k >= 1, or null "
                          "to keep every checkpoint.")
@@ -180,11 +190,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_run_configs(cfg: TrainConfig, run_dir: str | Path) -> None:
+def write_run_configs(cfg: TrainConfig, run_dir: str | Path, model: dict | None = None) -> None:
     """Write `run_dir/config.yaml` (draccus dump) and `config.json` (that YAML as JSON, indent 2), atomically.
 
     The `vla` section starts with `"type": <vla_id>`; paths are strings; `hf_token` is its file path or variable
-    name, never the token. config.yaml's first line is a comment recording whether `hf_token` is a path.
+    name, never the token. config.yaml's first line is a comment recording whether `hf_token` is a path. `model`,
+    the trained architecture as a run directory's `"model"` section, is added to config.json only (config.yaml stays
+    a TrainConfig that draccus reads back).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +207,8 @@ def write_run_configs(cfg: TrainConfig, run_dir: str | Path) -> None:
         raise RuntimeError(f"draccus wrote the vla section with keys {list(encoded['vla'])[:3]}...; expected 'type' "
                            "first.")
     _atomic_write_text(run_dir / "config.yaml", text)
+    if model is not None:
+        encoded["model"] = model
     _atomic_write_text(run_dir / "config.json", json.dumps(encoded, indent=2))
 
 

@@ -12,6 +12,7 @@ Differences from the reference, all checked in `validate()` before any work:
   across all ranks; on one node the two are identical, and `hybrid-shard` reproduces the reference's multi-node runs.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,12 +109,11 @@ class VLAConfig(draccus.ChoiceRegistry):
                 raise ValueError(f"{name} = {getattr(self, name)} must be positive. Fix: pass --vla.{name} >= 1.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps = {self.max_steps} must be positive. Fix: pass --vla.max_steps >= 1 or null.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate = {self.learning_rate} must be positive. Fix: pass --vla.learning_rate.")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay = {self.weight_decay} must be >= 0. Fix: pass --vla.weight_decay.")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm = {self.max_grad_norm} must be positive. Fix: pass --vla.max_grad_norm.")
+        for name, allow_zero in (("learning_rate", False), ("weight_decay", True), ("max_grad_norm", False)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+                raise ValueError(f"{name} = {value} must be a finite {'non-negative' if allow_zero else 'positive'} "
+                                 f"number. Fix: pass --vla.{name} with such a value.")
         if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ValueError(f"Unknown lr_scheduler_type {self.lr_scheduler_type!r}. Fix: pass "
                              f"--vla.lr_scheduler_type one of {list(LR_SCHEDULERS)}.")

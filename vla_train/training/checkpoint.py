@@ -16,8 +16,10 @@ Exact resume needs the DCP directory; a `.pt` alone can initialize fine-tuning b
 """
 
 import json
+import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +41,13 @@ from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, atomi
 from vla_train.training.checkpoint_io import (
     COMPLETE_MARKER,
     FORMAT_VERSION,
+    TMP_CONSOLIDATED,
     atomic_link_or_copy,
     atomic_write_text,
     capture_rng_state,
     checkpoint_name,
     consolidated_path,
+    file_sizes,
     from_blob,
     is_complete,
     parse_checkpoint_name,
@@ -55,7 +59,7 @@ from vla_train.training.checkpoint_io import (
     split_module_state,
     to_blob,
 )
-from vla_train.training.distributed import barrier
+from vla_train.training.distributed import all_ranks_agree, barrier
 
 
 def _rank_and_world_size() -> tuple[int, int]:
@@ -69,6 +73,20 @@ def _from_rank0(obj: Any) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def _on_every_rank(work: Callable[[], Any], what: str, tmp: Path) -> None:
+    """Run this rank's part of a save step, then agree with the other ranks (collective): a failure on any rank
+    raises on every rank instead of leaving the others waiting in the next collective."""
+    failure: BaseException | None = None
+    try:
+        work()
+    except Exception as error:  # re-raised below, after the other ranks know
+        failure = error
+    if not all_ranks_agree(failure is None):
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"Saving {tmp.name}: another rank failed while {what} (see its log); nothing was committed.")
 
 
 def _dcp(fn: Any, state: dict[str, Any], path: Path) -> None:
@@ -107,6 +125,10 @@ def _state_dicts_to_save(model: nn.Module, optimizer: Optimizer | None) -> tuple
     return model_state, optim_state
 
 
+class CorruptCheckpointError(ValueError):
+    """A complete checkpoint whose files no longer match what was written (truncated, damaged or deleted)."""
+
+
 class CheckpointManager:
     """Save, discover, prune and restore checkpoints of one run directory.
 
@@ -128,7 +150,10 @@ class CheckpointManager:
         """Write a complete checkpoint; returns its DCP directory. Collective: call on every rank.
 
         Rank 0's `loss` names the checkpoint and rank 0's `train_state` and scheduler state are stored (the ranks'
-        local losses differ); per-rank state goes in `data_state`.
+        local losses differ); per-rank state goes in `data_state`. Order: shards and the consolidated `.pt` into a
+        temporary directory, the completion marker (with every file's size), the `.pt` moved into place, then the
+        directory renamed: a committed checkpoint always has its `.pt`. A failure on any rank removes the temporary
+        directory on rank 0 and raises on every rank.
         """
         rank, world_size = _rank_and_world_size()
         loss = None if loss is None else float(loss)
@@ -142,27 +167,29 @@ class CheckpointManager:
         step, epoch, loss = shared.pop("step"), shared.pop("epoch"), shared.pop("loss")
         name = checkpoint_name(step, epoch, loss)
         final, tmp = self.checkpoint_dir / name, self.checkpoint_dir / f".{name}.tmp"
-        if rank == 0:
-            remove_checkpoint_dir(tmp)
-            tmp.mkdir(parents=True)
-        barrier()
-
-        self._write_shards(tmp, model, optimizer, shared, data_state)
-        barrier()
-        if rank == 0:
+        try:
+            _on_every_rank(lambda: self._make_temporary(tmp) if rank == 0 else None, "preparing", tmp)
+            _on_every_rank(lambda: self._write_shards(tmp, model, optimizer, shared, data_state), "writing", tmp)
+            if self.save_consolidated:
+                _on_every_rank(lambda: self._save_consolidated(model, tmp, rank), "consolidating", tmp)
             marker = {"version": FORMAT_VERSION, "name": name, "step": step, "epoch": epoch, "loss": loss,
                       "world_size": world_size, "has_optimizer": optimizer is not None, "saved_at": time.time()}
-            self._commit(tmp, final, marker)
-        barrier()
-
-        if self.save_consolidated:
-            self._save_consolidated(model, final, rank)
+            _on_every_rank(lambda: self._commit(tmp, final, marker) if rank == 0 else None, "committing", tmp)
+        except BaseException:
+            if rank == 0:
+                remove_checkpoint_dir(tmp)
+            raise
         if rank == 0:
             remove_stale_temporaries(self.checkpoint_dir)
             self._prune(keep=final)
         barrier()
         logger.info("Saved checkpoint %s (%d rank files)", final, world_size)
         return final
+
+    @staticmethod
+    def _make_temporary(tmp: Path) -> None:
+        remove_checkpoint_dir(tmp)
+        tmp.mkdir(parents=True)
 
     @staticmethod
     def _write_shards(tmp: Path, model: nn.Module, optimizer: Optimizer | None, shared: dict[str, bytes],
@@ -180,8 +207,13 @@ class CheckpointManager:
 
     @staticmethod
     def _commit(tmp: Path, final: Path, marker: dict[str, Any]) -> None:
-        """Rank 0: completion marker last, then rename the temporary directory into place."""
+        """Rank 0: the marker (every file's size) last into `tmp`, the `.pt` and `latest` into place, then rename."""
+        consolidated = tmp / TMP_CONSOLIDATED
+        marker = {**marker, "files": file_sizes(tmp, exclude=(TMP_CONSOLIDATED,)),
+                  "consolidated_size": consolidated.stat().st_size if consolidated.is_file() else None}
         atomic_write_text(tmp / COMPLETE_MARKER, json.dumps(marker, indent=2))
+        if consolidated.is_file():
+            os.replace(consolidated, consolidated_path(final))
         if final.exists():  # the same step saved again (e.g. a re-run): replace it
             old = final.with_name(f".{final.name}.old")
             remove_checkpoint_dir(old)
@@ -190,16 +222,16 @@ class CheckpointManager:
             remove_checkpoint_dir(old)
         else:
             tmp.rename(final)
+        if marker["consolidated_size"] is not None:
+            atomic_link_or_copy(consolidated_path(final), final.parent / LATEST_CHECKPOINT)
 
     @staticmethod
-    def _save_consolidated(model: nn.Module, final: Path, rank: int) -> None:
-        """Gather FP32 full tensors to rank 0's CPU (collective) and write the reference `.pt`, then `latest`."""
+    def _save_consolidated(model: nn.Module, tmp: Path, rank: int) -> None:
+        """Gather FP32 full tensors to rank 0's CPU (collective) and write the reference `.pt` into `tmp`."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full_state = get_model_state_dict(model, options=options)  # empty on ranks other than 0
         if rank == 0:
-            target = consolidated_path(final)
-            atomic_torch_save({"model": split_module_state(full_state)}, target)
-            atomic_link_or_copy(target, final.parent / LATEST_CHECKPOINT)
+            atomic_torch_save({"model": split_module_state(full_state)}, tmp / TMP_CONSOLIDATED)
         del full_state
 
     def _prune(self, keep: Path) -> None:
@@ -228,6 +260,33 @@ class CheckpointManager:
         """The newest complete DCP checkpoint directory (temporary and incomplete ones are ignored), or None."""
         complete = self.complete_checkpoints()
         return complete[-1] if complete else None
+
+    def latest_verified(self) -> Path | None:
+        """The newest complete checkpoint whose files all have their recorded sizes; a newer damaged one (e.g. a
+        truncated shard) is skipped with a warning that names the bad file."""
+        for path in reversed(self.complete_checkpoints()):
+            try:
+                self.verify(path)
+            except CorruptCheckpointError as error:
+                logger.warning("Skipping a damaged checkpoint: %s Falling back to the previous one.", error)
+                continue
+            return path
+        return None
+
+    @staticmethod
+    def verify(path: Path) -> None:
+        """Raise `CorruptCheckpointError` naming the first file (shard, rank file or `.pt`) that is missing or whose
+        size differs from the completion marker's record; markers of format 1 recorded no sizes and pass."""
+        marker = read_marker(path)
+        expected = {path / name: size for name, size in marker.get("files", {}).items()}
+        if marker.get("consolidated_size") is not None:
+            expected[consolidated_path(path)] = marker["consolidated_size"]
+        for file, size in expected.items():
+            actual = file.stat().st_size if file.is_file() else None
+            if actual != size:
+                found = "is missing" if actual is None else f"has {actual} bytes"
+                raise CorruptCheckpointError(f"{file} {found}, but {size} bytes were written when {path.name} was "
+                                             "saved (truncated or damaged).")
 
     def find(self, step: int | None = None, epoch: int | None = None, *,
              checkpoint: str | Path | None = None) -> Path:

@@ -20,7 +20,8 @@ from vla_train.log import logger
 from vla_train.models.vlm import ALL_MODULE_KEYS
 
 COMPLETE_MARKER = "complete.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the marker records every file's size and the consolidated `.pt`'s
+TMP_CONSOLIDATED = "consolidated.pt"  # the `.pt` inside the temporary directory, moved next to it at commit
 CHECKPOINT_NAME_RE = re.compile(r"^step-(?P<step>\d+)-epoch-(?P<epoch>\d+)-loss=(?P<loss>[^/]+?)$")
 WRAPPER_NAME_PARTS = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
 # Consolidated file order as the reference writes it (facts §4.7).
@@ -61,6 +62,12 @@ def read_marker(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER}): the save that wrote it "
                                 "was interrupted, or it is not a vla-train checkpoint directory.")
     return json.loads(marker.read_text())
+
+
+def file_sizes(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """`{relative path: size in bytes}` of every file below `directory` but the completion marker and `exclude`."""
+    return {str(path.relative_to(directory)): path.stat().st_size for path in sorted(directory.rglob("*"))
+            if path.is_file() and path.name not in (COMPLETE_MARKER, *exclude)}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

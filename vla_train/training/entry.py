@@ -34,6 +34,8 @@ def train(cfg: TrainConfig, evaluate: bool = True) -> RunSummary:
         barrier()
         return summary
     finally:
+        if session is not None:
+            session.plan.release()
         destroy_distributed()
 
 

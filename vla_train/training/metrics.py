@@ -1,4 +1,4 @@
-"""Training metrics: action metrics and throughput reduced across ranks, trackers (jsonl, W&B), a progress bar.
+"""Training metrics: action metrics and throughput reduced across ranks, and a progress bar.
 
 Unlike the reference (facts §9.6, §12 items 5, 11-13):
 - every rank accumulates loss / action accuracy / L1 on device, with no GPU->CPU sync per step; on logging steps
@@ -6,136 +6,22 @@ Unlike the reference (facts §9.6, §12 items 5, 11-13):
   on every rank) and turns the global sums into token-weighted means over the whole logging window;
 - per-dataset metrics are reduced too, laid out by a fixed list of the mixture's dataset names, and only datasets
   seen in the window are logged (no stale values);
-- `run-metrics.jsonl` is appended to, not truncated, on a resumed run; the W&B run id is derived from the run
-  directory (`resume="allow"`), W&B logs offline when no API key is configured, and `finalize` never sleeps.
+- trackers (jsonl, W&B) live in `trackers.py`.
 """
 
-import functools
-import hashlib
-import json
-import netrc
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
-import jsonlines
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vla_train.log import logger
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.vlm import IGNORE_INDEX
-
-TRACKER_NAMES = ("jsonl", "wandb")
-
-
-# === Trackers (rank 0 only) ===
-
-
-class Tracker(Protocol):
-    def write_hyperparameters(self, hparams: dict) -> None: ...
-
-    def write(self, global_step: int, metrics: dict[str, float]) -> None: ...
-
-    def finalize(self) -> None: ...
-
-
-class JSONLinesTracker:
-    """`run_dir/run-metrics.jsonl` gets one `{"run_id", "hparams"}` line per (re)start; `run_dir/<run_id>.jsonl` one
-    line of metrics per `write` (with `VLA Train/Step` = global step when the caller did not set it)."""
-
-    def __init__(self, run_id: str, run_dir: str | Path) -> None:
-        self.run_id, self.run_dir = run_id, Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._dumps = functools.partial(json.dumps, sort_keys=True, default=str)
-
-    def _append(self, path: Path, record: dict) -> None:
-        with jsonlines.open(path, mode="a", dumps=self._dumps) as writer:
-            writer.write(record)
-
-    def write_hyperparameters(self, hparams: dict) -> None:
-        self._append(self.run_dir / "run-metrics.jsonl", {"run_id": self.run_id, "hparams": hparams})
-
-    def write(self, global_step: int, metrics: dict[str, float]) -> None:
-        self._append(self.run_dir / f"{self.run_id}.jsonl", {"VLA Train/Step": global_step, **metrics})
-
-    def finalize(self) -> None:
-        pass
-
-
-def wandb_run_id(run_dir: str | Path) -> str:
-    """A stable W&B run id for a run directory (same directory -> same W&B run, so a resumed run continues it)."""
-    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-
-
-def _wandb_key_in_netrc() -> bool:
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
-        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(entry and entry[2])
-
-
-def wandb_mode() -> str | None:
-    """None (let W&B read an explicit `WANDB_MODE`), "online" when an API key is configured, else "offline"."""
-    if os.environ.get("WANDB_MODE"):
-        return None
-    if os.environ.get("WANDB_API_KEY") or _wandb_key_in_netrc():
-        return "online"
-    logger.warning("No W&B API key (WANDB_API_KEY or netrc): logging to W&B offline; upload later with `wandb sync`.")
-    return "offline"
-
-
-class WandBTracker:
-    """One W&B run per run directory: `wandb.init(id=wandb_run_id(run_dir), resume="allow")`."""
-
-    def __init__(self, run_id: str, run_dir: str | Path, hparams: dict, project: str, entity: str | None,
-                 group: str = "vla-train") -> None:
-        import wandb  # imported here: a jsonl-only run never pays for it
-
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(name=run_id, dir=str(run_dir), config=hparams, project=project, entity=entity,
-                              group=group, id=wandb_run_id(run_dir), resume="allow", mode=wandb_mode())
-
-    def write_hyperparameters(self, hparams: dict) -> None:
-        self.run.config.update(hparams, allow_val_change=True)
-
-    def write(self, global_step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=global_step)
-
-    def finalize(self) -> None:
-        self.run.finish()
-
-
-def _is_rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def make_trackers(names: Sequence[str], run_id: str, run_dir: str | Path, hparams: dict, project: str = "openvla",
-                  entity: str | None = None, is_main: bool | None = None) -> list[Tracker]:
-    """Trackers by name (`jsonl`, `wandb`), hyperparameters written; `[]` on every rank but 0 (`is_main` defaults to
-    the process group's rank). Names are validated on every rank."""
-    unknown = [name for name in names if name not in TRACKER_NAMES]
-    if unknown:
-        raise ValueError(f"Unknown tracker(s) {unknown}; choose from {list(TRACKER_NAMES)}.")
-    if not (_is_rank_zero() if is_main is None else is_main):
-        return []
-    trackers: list[Tracker] = []
-    for name in dict.fromkeys(names):
-        if name == "jsonl":
-            trackers.append(JSONLinesTracker(run_id, run_dir))
-        else:
-            trackers.append(WandBTracker(run_id, run_dir, hparams, project, entity))
-        trackers[-1].write_hyperparameters(hparams)
-    return trackers
-
+from vla_train.training.distributed import is_rank_zero
 
 # === Reduction across ranks ===
 
@@ -354,7 +240,7 @@ class ProgressBar:
 
     def __init__(self, total: int | None, initial: int = 0, is_main: bool | None = None,
                  desc: str = "VLA training") -> None:
-        is_main = _is_rank_zero() if is_main is None else is_main
+        is_main = is_rank_zero() if is_main is None else is_main
         self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True) if is_main else None
 
     def update(self, step: int, metrics: dict[str, Any] | None = None) -> None:

@@ -11,10 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vla_train.config.train import TrainConfig, resolve_run_id, validate_train_config, write_run_configs
+from vla_train.config.train import TrainConfig, resolve_run_id, validate_train_config
 from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.data.interleave import PipelineConfig
-from vla_train.data.statistics import save_dataset_statistics
 from vla_train.data.torch_dataset import RLDSBatchTransform, RLDSDataset
 from vla_train.log import logger, setup_logging
 from vla_train.models.action_tokenizer import ActionTokenizer
@@ -26,6 +25,7 @@ from vla_train.training.checkpoint import CheckpointManager
 from vla_train.training.distributed import DistributedContext, barrier, init_distributed
 from vla_train.training.optim import build_lr_scheduler, build_optimizer, num_training_steps, record_parameter_shapes
 from vla_train.training.parallelize import parallelize_vlm
+from vla_train.training.run_guard import RunPlan, prepare_run_dir, write_run_files
 
 
 @dataclass
@@ -34,6 +34,7 @@ class TrainingSession:
     ctx: DistributedContext
     run_id: str
     run_dir: Path
+    plan: RunPlan
     vlm: PrismaticVLM
     action_tokenizer: ActionTokenizer
     dataset: RLDSDataset
@@ -57,20 +58,6 @@ def seed_everything(seed: int, rank: int) -> None:
     os.environ["EXPERIMENT_GLOBAL_SEED"] = str(seed)
 
 
-def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """The DCP checkpoint directory to resume from exactly, or None for a fresh start / fine-tuning."""
-    if cfg.resume is not None:
-        if cfg.resume != "auto":
-            return CheckpointManager(Path(cfg.resume).resolve().parents[1]).find_path(Path(cfg.resume))
-        latest = CheckpointManager(run_dir).latest_complete()
-        logger.info("--resume auto: %s", f"resuming from {latest}" if latest else "no complete checkpoint, fresh start")
-        return latest
-    if cfg.pretrained_checkpoint is not None and cfg.is_resume:
-        checkpoint = Path(cfg.pretrained_checkpoint)
-        return CheckpointManager(checkpoint.parents[1]).find(cfg.resume_step, cfg.resume_epoch)
-    return None
-
-
 def load_model(cfg: TrainConfig) -> PrismaticVLM:
     """The model in FP32 before any resume: the base VLM, or a checkpoint to fine-tune from."""
     if cfg.pretrained_checkpoint is not None and not cfg.is_resume:
@@ -88,20 +75,29 @@ def build_dataset(cfg: TrainConfig, ctx: DistributedContext, vlm: PrismaticVLM,
         data_root_dir=Path(cfg.data_root_dir), data_mix=cfg.vla.data_mix,
         resize_resolution=tuple(vlm.vision_backbone.default_image_resolution[1:]),
         shuffle_buffer_size=cfg.vla.shuffle_buffer_size, image_aug=cfg.image_aug, seed=cfg.seed, rank=ctx.rank,
-        world_size=ctx.world_size, deterministic=cfg.deterministic_data, registry_dirs=tuple(cfg.registry_dirs))
+        world_size=ctx.world_size, deterministic=cfg.deterministic_data, registry_dirs=tuple(cfg.registry_dirs),
+        allow_missing_datasets=cfg.allow_missing_datasets)
     return RLDSDataset(pipeline, transform, is_main_process=ctx.is_main, barrier=barrier)
 
 
 def build_session(cfg: TrainConfig) -> TrainingSession:
-    """Collective: call on every rank."""
+    """Collective: call on every rank. Everything is validated (config, run directory, resume) before any work; the
+    run files are written only once the model and data are built. On success rank 0 holds the run-directory lock
+    (`session.plan.release()` drops it); on failure it is dropped here."""
     ctx = init_distributed()
     setup_logging(ctx.rank)
     validate_train_config(cfg, ctx.world_size)
     seed_everything(cfg.seed, ctx.rank)
     run_id = resolve_run_id(cfg, ctx.world_size)
-    run_dir = Path(cfg.run_root_dir) / run_id
-    resume_from = resolve_resume(cfg, run_dir)
+    plan = prepare_run_dir(cfg, ctx, Path(cfg.run_root_dir) / run_id)
+    try:
+        return _build(cfg, ctx, run_id, plan)
+    except BaseException:
+        plan.release(failed=True)
+        raise
 
+
+def _build(cfg: TrainConfig, ctx: DistributedContext, run_id: str, plan: RunPlan) -> TrainingSession:
     vlm = load_model(cfg)
     check_all_fp32(vlm)
     stage = cfg.vla.stage()
@@ -110,9 +106,7 @@ def build_session(cfg: TrainConfig) -> TrainingSession:
     action_tokenizer = ActionTokenizer(tokenizer, vocab_end=vlm.llm_backbone.action_vocab_end)
     dataset = build_dataset(cfg, ctx, vlm, action_tokenizer)
     if ctx.is_main:  # rank-0-only side effects: the run directory's config and statistics files
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_run_configs(cfg, run_dir)
-        save_dataset_statistics(dataset.dataset_statistics, run_dir)
+        write_run_files(cfg, plan, dataset.dataset_statistics)
     barrier()
 
     collator = PaddedCollatorForActionPrediction(tokenizer.model_max_length, tokenizer.pad_token_id)
@@ -127,17 +121,17 @@ def build_session(cfg: TrainConfig) -> TrainingSession:
     total_steps = num_training_steps(cfg.vla.max_steps, cfg.vla.epochs, len(dataset), cfg.vla.global_batch_size)
     scheduler = build_lr_scheduler(optimizer, cfg.vla.lr_scheduler_type, total_steps, cfg.vla.warmup_ratio)
     session = TrainingSession(
-        cfg=cfg, ctx=ctx, run_id=run_id, run_dir=run_dir, vlm=vlm, action_tokenizer=action_tokenizer,
-        dataset=dataset, loader=loader, optimizer=optimizer, scheduler=scheduler,
-        checkpoints=CheckpointManager(run_dir, keep_last_k=cfg.keep_last_k), total_steps=total_steps,
+        cfg=cfg, ctx=ctx, run_id=run_id, run_dir=plan.run_dir, plan=plan, vlm=vlm,
+        action_tokenizer=action_tokenizer, dataset=dataset, loader=loader, optimizer=optimizer, scheduler=scheduler,
+        checkpoints=CheckpointManager(plan.run_dir, keep_last_k=cfg.keep_last_k), total_steps=total_steps,
         steps_per_epoch=max(1, len(dataset) // cfg.vla.global_batch_size),
         grad_accumulation_steps=cfg.vla.grad_accumulation_steps(ctx.world_size))
-    if resume_from is not None:
-        train_state, data_state = session.checkpoints.load(resume_from, model=vlm, optimizer=optimizer,
+    if plan.resume_from is not None:
+        train_state, data_state = session.checkpoints.load(plan.resume_from, model=vlm, optimizer=optimizer,
                                                            scheduler=scheduler)
         dataset.load_state_dict(data_state)
         session.start_step, session.start_epoch = int(train_state["step"]), int(train_state["epoch"])
-        logger.info("Resumed exactly from %s at step %d", resume_from, session.start_step)
+        logger.info("Resumed exactly from %s at step %d", plan.resume_from, session.start_step)
     logger.info("Run %s: %d steps (%d per epoch), global batch %d = %d per device x %d ranks x %d accumulation",
                 run_id, total_steps, session.steps_per_epoch, cfg.vla.global_batch_size,
                 cfg.vla.per_device_batch_size, ctx.world_size, session.grad_accumulation_steps)

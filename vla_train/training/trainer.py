@@ -2,11 +2,13 @@
 
 Gradient accumulation is weighted by supervised tokens: every micro-batch's summed token loss is divided by the
 number of supervised tokens in the whole global batch (all ranks, all micro-batches), so the update equals that of
-one big batch whatever the padding. SIGTERM / SIGINT finish the current step, save, and exit cleanly; every rank
-learns of a stop through one small CPU all-reduce per step (a gloo group: no device synchronisation).
+one big batch whatever the padding. SIGTERM / SIGINT / SIGHUP / SIGUSR1 finish the current step, save (within a time
+budget, see `StopSignal`) and exit cleanly; every rank learns of a stop through one small CPU all-reduce per step (a
+gloo group: no device synchronisation).
 """
 
 import signal
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -16,8 +18,9 @@ import torch
 import torch.distributed as dist
 
 from vla_train.log import logger
-from vla_train.training.metrics import ActionMetrics, ProgressBar, ThroughputMeter, make_trackers, reduce_metrics
+from vla_train.training.metrics import ActionMetrics, ProgressBar, ThroughputMeter, reduce_metrics
 from vla_train.training.session import TrainingSession
+from vla_train.training.trackers import make_trackers
 
 IGNORE_INDEX = -100
 
@@ -29,22 +32,52 @@ class TrainResult:
     logged: list[dict[str, float]] = field(default_factory=list)
 
 
-class StopSignal:
-    """Records SIGTERM / SIGINT instead of dying mid-step; `agreed()` is collective (any rank stopping stops all)."""
+# SIGHUP: an ssh hang-up (torchrun forwards it); SIGUSR1: the usual Slurm `--signal` pre-emption notice.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
-    def __init__(self) -> None:
-        self.requested = False
+
+@dataclass
+class StopDecision:
+    stop: bool
+    save: bool
+    reason: str = ""
+
+
+class StopSignal:
+    """Records stop signals instead of dying mid-step; `decide()` is collective (any rank stopping stops all).
+
+    After a signal the checkpoint is saved only if the slowest rank's last save fits in `save_budget_s` from the
+    signal: torchrun SIGKILLs its workers `--shutdown-timeout` (30 s) after it forwards a signal, and a save that
+    the SIGKILL will cut off is not started (the periodic checkpoints are the safety net). None: always save.
+    """
+
+    def __init__(self, save_budget_s: float | None = None) -> None:
+        self.save_budget_s = save_budget_s
+        self.received_at: float | None = None
+        self.last_save_s: float | None = None
         self._group = dist.new_group(backend="gloo", timeout=timedelta(minutes=30))
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        logger.warning("Received signal %d: finishing this step, saving, then exiting.", signum)
-        self.requested = True
+        logger.warning("Received %s: finishing this step, then saving (if it fits) and exiting.",
+                       signal.Signals(signum).name)
+        if self.received_at is None:
+            self.received_at = time.monotonic()
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item() > 0)
+    def decide(self) -> StopDecision:
+        """Collective over a gloo group (CPU tensors by design: no device synchronisation per step)."""
+        elapsed = time.monotonic() - self.received_at if self.received_at is not None else 0.0
+        flags = torch.tensor([float(self.received_at is not None), elapsed,
+                              -1.0 if self.last_save_s is None else self.last_save_s], dtype=torch.float64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        requested, elapsed, last_save = bool(flags[0]), float(flags[1]), float(flags[2])
+        if not requested:
+            return StopDecision(stop=False, save=False)
+        if self.save_budget_s is None or last_save < 0 or elapsed + last_save <= self.save_budget_s:
+            return StopDecision(stop=True, save=True)
+        return StopDecision(stop=True, save=False, reason=(
+            f"the last save took {last_save:.1f} s and {elapsed:.1f} s have passed since the signal, over the "
+            f"{self.save_budget_s:g} s budget (--signal_save_budget_s)"))
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -66,12 +99,12 @@ class Trainer:
         cfg = session.cfg
         hparams = draccus.encode(cfg)  # the same content as config.json, as the reference logs it
         self.trackers = make_trackers(cfg.trackers, session.run_id, session.run_dir, hparams, cfg.wandb_project,
-                                      cfg.wandb_entity, session.ctx.is_main)
+                                      cfg.wandb_entity, session.ctx.is_main, start_step=session.start_step)
         names = [spec.name for spec in session.dataset.plan.specs]
         self.metrics = ActionMetrics(session.action_tokenizer, names, session.vlm.num_patches, session.ctx.device)
         self.throughput = ThroughputMeter(session.ctx.device)
         self.progress = ProgressBar(session.total_steps, session.start_step, session.ctx.is_main)
-        self.signal = StopSignal()
+        self.signal = StopSignal(cfg.signal_save_budget_s)
 
     def _global_token_count(self, batches: list[dict[str, Any]]) -> torch.Tensor:
         local = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))])
@@ -109,33 +142,46 @@ class Trainer:
         step, epoch = s.start_step, s.start_epoch
         result = TrainResult(final_step=step, stopped_by_signal=False)
         data_iter = iter(s.loader)
-        grad_norm = None
         try:
             while step < s.total_steps:
                 grad_norm = self._train_step(data_iter)
                 step += 1
                 epoch = step // s.steps_per_epoch
-                stopping = self.signal.agreed()
+                stop = self.signal.decide()
                 paused = cfg.stop_after_steps is not None and step - s.start_step >= cfg.stop_after_steps
-                last = step >= s.total_steps or stopping or paused
+                last = step >= s.total_steps or stop.stop or paused
                 if step % cfg.log_interval == 0 or last:
-                    logged = self._log(step, epoch, grad_norm)
-                    result.logged.append(logged)
-                if step % cfg.save_interval == 0 or last:
-                    loss = result.logged[-1].get("VLA Train/Loss") if result.logged else None
-                    s.checkpoints.save(step, epoch, loss, model=s.vlm, optimizer=s.optimizer, scheduler=s.scheduler,
-                                       data_state=s.dataset.state_dict(),
-                                       train_state={"step": step, "epoch": epoch})
-                if stopping or paused:
-                    result.stopped_by_signal = stopping
-                    logger.warning("Stopped (%s) after step %d; checkpoint saved: resume with --resume auto.",
-                                   "signal" if stopping else "stop_after_steps", step)
+                    result.logged.append(self._log(step, epoch, grad_norm))
+                if (step % cfg.save_interval == 0 or last) and (stop.save or not stop.stop):
+                    self._save(step, epoch, result)
+                if stop.stop or paused:
+                    result.stopped_by_signal = stop.stop
+                    self._report_stop(step, stop)
                     break
         finally:
             self.signal.restore()
             self.progress.close()
         result.final_step = step
         return result
+
+    def _save(self, step: int, epoch: int, result: TrainResult) -> None:
+        s = self.s
+        started = time.monotonic()
+        loss = result.logged[-1].get("VLA Train/Loss") if result.logged else None
+        s.checkpoints.save(step, epoch, loss, model=s.vlm, optimizer=s.optimizer, scheduler=s.scheduler,
+                           data_state=s.dataset.state_dict(), train_state={"step": step, "epoch": epoch})
+        self.signal.last_save_s = time.monotonic() - started
+
+    def _report_stop(self, step: int, stop: StopDecision) -> None:
+        if not stop.stop:
+            logger.warning("Stopped (stop_after_steps) after step %d; checkpoint saved: resume with --resume auto.",
+                           step)
+        elif stop.save:
+            logger.warning("Stopped (signal) after step %d; checkpoint saved: resume with --resume auto.", step)
+        else:
+            latest = self.s.checkpoints.latest_complete()
+            logger.warning("Stopped (signal) after step %d WITHOUT saving: %s. --resume auto continues from %s.",
+                           step, stop.reason, latest.name if latest else "the start (no checkpoint yet)")
 
     def _log(self, step: int, epoch: int, grad_norm) -> dict[str, float]:
         s = self.s
