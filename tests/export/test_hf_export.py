@@ -2,6 +2,7 @@
 predicts the training-time model's actions token for token; config, keys, processor and tokenizer are checked."""
 
 import ast
+import copy
 import json
 import subprocess
 import sys
@@ -15,16 +16,17 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from tests.conftest import NORM_STATS
-from vla_train.config.model import get_model_config
-from vla_train.export.hf import AUTO_MAP, build_image_processor, export_hf
+from vla_train.config.model import ModelConfig, get_model_config
+from vla_train.export.compat import write_tiny_vla_run
+from vla_train.export.hf import AUTO_MAP, TOKENIZER_LOAD_TIME_KEYS, build_image_processor, export_hf, save_processor
 from vla_train.export.hf_remote import REMOTE_MODULES
 from vla_train.export.hf_remote.configuration_prismatic import OpenVLAConfig
 from vla_train.export.hf_remote.modeling_prismatic import OpenVLAForActionPrediction
-from vla_train.export.hf_remote.processing_prismatic import PrismaticImageProcessor
+from vla_train.export.hf_remote.processing_prismatic import PrismaticImageProcessor, PrismaticProcessor
 from vla_train.export.keys import MODULE_KEYS, native_to_hf
 from vla_train.models.build import build_vlm
 from vla_train.models.openvla import OpenVLA
-from vla_train.models.run_dir import load_run_dir, save_base_vlm
+from vla_train.models.run_dir import load_run_dir
 from vla_train.models.vision import VisionBackbone
 from vla_train.models.vla_prompt import vla_prompt_prefix_ids
 
@@ -47,23 +49,13 @@ RELEASED_OPENVLA_7B = {
 
 
 # --- helpers (also used by test_hf_import.py) ---------------------------------------------------------------------
-def make_run_dir(model_id: str, run_dir: Path, *, noise: float = 0.3, seed: int = 0,
+def make_run_dir(model: str | ModelConfig, run_dir: Path, *, noise: float = 0.3, seed: int = 0,
                  norm_stats: dict | None = None) -> Path:
-    """A VLA training run directory built without training: `config.json` with a `vla` section, statistics, and
-    `checkpoints/{latest-checkpoint,step-000002-epoch-00-loss=1.2345}.pt` of a tiny OpenVLA whose weights carry seeded
-    noise (so greedy actions differ between images and instructions). Returns the run directory."""
-    model_cfg = get_model_config(model_id)
-    norm_stats = norm_stats or NORM_STATS
-    vlm = build_vlm(model_cfg, vla=True, norm_stats=norm_stats)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in vlm.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * noise)
-    latest = save_base_vlm(vlm, model_cfg, run_dir)
-    latest.with_name("step-000002-epoch-00-loss=1.2345.pt").write_bytes(latest.read_bytes())
-    (run_dir / "config.json").write_text(json.dumps({"vla": {"type": "tiny-test", "base_vlm": model_id}}))
-    (run_dir / "dataset_statistics.json").write_text(json.dumps(norm_stats))
-    return run_dir
+    """A VLA training run directory built without training (`vla_train.export.compat.write_tiny_vla_run`):
+    `config.json`, statistics, and `checkpoints/{latest-checkpoint,step-000002-epoch-00-loss=1.2345}.pt` of a tiny
+    OpenVLA whose weights carry seeded noise (so greedy actions differ between images and instructions)."""
+    model_cfg = get_model_config(model) if isinstance(model, str) else model
+    return write_tiny_vla_run(model_cfg, run_dir, noise=noise, seed=seed, norm_stats=norm_stats or NORM_STATS)
 
 
 def sample_images() -> list[Image.Image]:
@@ -259,8 +251,59 @@ def test_tokenizer_round_trips_through_save_pretrained(exported):
     assert reloaded.padding_side == "right"
 
 
+def test_processor_never_returns_token_type_ids_and_predict_action_ignores_them(exported):
+    """transformers 4.x's PreTrainedTokenizerFast adds token_type_ids unless told not to, and OpenVLA's README passes
+    `**processor(prompt, image)` to predict_action: the processor drops them, and predict_action tolerates them."""
+    _, _, hf_dir, _, model, processor = exported
+    assert json.loads((hf_dir / "tokenizer_config.json").read_text())["model_input_names"] == [
+        "input_ids", "attention_mask"]
+    image = sample_images()[2]
+    expected = model.predict_action(**hf_inputs(model, processor, "wave", image))
+    processor.tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]  # as 4.x's default
+    try:
+        inputs = hf_inputs(model, processor, "wave", image)
+    finally:
+        processor.tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+    with_types = dict(inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]))
+    np.testing.assert_array_equal(model.predict_action(**with_types, do_sample=False), expected)
+
+
+def test_tokenizer_config_carries_no_load_time_settings(exported, tmp_path):
+    """A tokenizer loaded with `from_pretrained(..., local_files_only=True)` (how the full-size backbones find theirs)
+    records that load in its init kwargs; the exported tokenizer_config.json must not carry it."""
+    _, _, hf_dir, native, _, processor = exported
+    native.llm_backbone.get_tokenizer().save_pretrained(tmp_path / "source")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "source", local_files_only=True)
+    assert {"local_files_only", "is_local"} <= set(loaded.init_kwargs)  # what the export used to write
+    save_processor(PrismaticProcessor(processor.image_processor, loaded), tmp_path / "export")
+    for directory in (hf_dir, tmp_path / "export"):
+        written = json.loads((directory / "tokenizer_config.json").read_text())
+        assert not set(written) & set(TOKENIZER_LOAD_TIME_KEYS), sorted(written)
+        assert written["tokenizer_class"] == "PreTrainedTokenizerFast"
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert reloaded("pick up the cup").input_ids == loaded("pick up the cup").input_ids
+
+
+def test_forward_takes_the_cache_by_either_name_and_returns_it_under_the_installed_one(exported):
+    """transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (outputs and forward arguments)."""
+    _, _, _, _, model, processor = exported
+    inputs = hf_inputs(model, processor, "wave", sample_images()[0])
+    with torch.no_grad():
+        first = model(**inputs, use_cache=True)
+        cache_name = "cache" if "cache" in first else "past_key_values"
+        assert first[cache_name] is not None and first.projector_features is None
+        step = {"input_ids": first.logits[:, -1:].argmax(dim=-1), "use_cache": True}
+        by_old_name = model(**step, past_key_values=copy.deepcopy(first[cache_name])).logits
+        by_new_name = model(**step, cache=copy.deepcopy(first[cache_name])).logits
+        with pytest.raises(ValueError, match="not both"):
+            model(**step, cache=first[cache_name], past_key_values=first[cache_name])
+    assert torch.equal(by_old_name, by_new_name)
+
+
 def test_remote_modules_import_only_allowed_packages():
-    allowed = {"torch", "timm", "transformers", "numpy", "PIL", "json", "math", "types", "dataclasses", "typing"}
+    allowed = {"torch", "timm", "transformers", "numpy", "PIL", "json", "math", "types", "dataclasses", "typing",
+               "inspect"}
     remote = REPO / "vla_train" / "export" / "hf_remote"
     for name in REMOTE_MODULES:
         tree = ast.parse((remote / name).read_text())

@@ -1,3 +1,6 @@
+import inspect
+import warnings
+
 import pytest
 import torch
 
@@ -5,7 +8,10 @@ from vla_train.models.llm import (
     LLM_BACKBONES,
     LLM_FAMILIES,
     LLMBackbone,
+    architecture_dict,
+    build_llm_config,
     get_llm_backbone_spec,
+    output_cache,
     padded_vocab_rows,
     shrink_architecture,
 )
@@ -133,3 +139,50 @@ def test_registry_has_every_named_family():
     assert families == {"llama", "mistral", "phi", "qwen2"}
     prompts = {spec.prompt_builder for spec in LLM_BACKBONES.values()}
     assert prompts == {"pure", "vicuna-v15", "llama2-chat", "mistral-instruct", "phi", "qwen25-chat"}
+
+
+# A tiny Llama outside the registry: other sizes and rms_norm_eps 1e-5 (the registry's tiny-llama has 1e-6).
+OFF_REGISTRY_LLAMA = {**LLM_BACKBONES["tiny-llama"].architecture, "model_type": "llama", "hidden_size": 48,
+                      "intermediate_size": 96, "num_hidden_layers": 3, "rms_norm_eps": 1e-5}
+
+
+def test_llm_config_replaces_the_registry_architecture():
+    backbone = LLMBackbone.from_config("tiny-llama", llm_config=OFF_REGISTRY_LLAMA)
+    config = backbone.llm.config
+    assert (config.hidden_size, config.num_hidden_layers, config.rms_norm_eps) == (48, 3, 1e-5)
+    assert len(backbone.llm.model.layers) == 3 and backbone.embed_dim == 48
+    assert backbone.llm.get_input_embeddings().weight.shape == (576, 48)  # still padded for the tokenizer's <PAD>
+    assert backbone.get_tokenizer().pad_token == "<PAD>" and config.pad_token_id == 512
+    assert LLMBackbone.from_config("tiny-llama").llm.config.rms_norm_eps == 1e-6  # the registry entry is untouched
+    # Save/run-time keys are not architecture: an export's text_config builds the same LLM.
+    exported = {**architecture_dict(config), "dtype": "bfloat16", "torch_dtype": "bfloat16", "use_cache": True,
+                "transformers_version": "4.40.1", "architectures": ["LlamaForCausalLM"]}
+    assert architecture_dict(build_llm_config(backbone.spec, exported)) == architecture_dict(config)
+
+
+def test_llm_config_errors_name_the_value_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"llm_config.model_type='qwen2' does not match llm_backbone_id='tiny-llama'"
+                                         r".*Fix: pick a 'qwen2' backbone .*'tiny-qwen25'"):
+        LLMBackbone.from_config("tiny-llama", llm_config={**OFF_REGISTRY_LLAMA, "model_type": "qwen2"})
+    with pytest.raises(ValueError, match=r"(?s)llm_config is not a valid LlamaConfig .*not a multiple of the number of "
+                                         r"attention heads"):
+        LLMBackbone.from_config("tiny-llama", llm_config={**OFF_REGISTRY_LLAMA, "num_attention_heads": 5})
+    spec = shrink_architecture(get_llm_backbone_spec("tiny-llama"), **SMALL)
+    _write_hf_dir(tmp_path, spec, "llama", keep_pad=False)
+    with pytest.raises(ValueError, match=r"not the model's llm_config architecture .*hidden_size: 48 vs 32"):
+        LLMBackbone.from_pretrained_dir(spec, tmp_path, llm_config=OFF_REGISTRY_LLAMA)
+    matching = architecture_dict(LLMBackbone.from_pretrained_dir(spec, tmp_path).llm.config)
+    assert LLMBackbone.from_pretrained_dir(spec, tmp_path, llm_config=matching).llm.config.hidden_size == 32
+
+
+def test_the_kv_cache_goes_in_under_the_installed_name(rgb_image):
+    """transformers 5.24 renamed `past_key_values` to `cache`; the old name warns (and goes away in 5.40)."""
+    backbone = LLMBackbone.from_config("tiny-llama", inference_mode=True)
+    assert backbone.cache_argument in inspect.signature(backbone.llm.forward).parameters
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        first = backbone(input_ids=ids, use_cache=True)
+        step = backbone(input_ids=ids[:, -1:], past_key_values=output_cache(first), use_cache=True)
+    full = backbone(input_ids=torch.cat([ids, ids[:, -1:]], dim=1)).logits
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)

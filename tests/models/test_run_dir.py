@@ -1,11 +1,13 @@
 import json
+import re
 
 import pytest
 import torch
 
 from tests.conftest import TINY_MODEL_IDS, batch_pixels, build_tiny
-from vla_train.config.model import get_model_config
+from vla_train.config.model import CustomModelConfig, get_model_config, model_config_from_fields
 from vla_train.models.build import build_vlm
+from vla_train.models.llm import LLM_BACKBONES
 from vla_train.models.run_dir import (
     load_base_vlm,
     load_run_dir,
@@ -166,3 +168,38 @@ def test_vla_run_dir_resolves_its_base_vlm(tmp_path):
         (run_dir / "config.json").write_text(json.dumps({"vla": {"type": "x", "base_vlm": base_vlm}}))
     assert read_model_config(by_path).model_id == "tiny-siglip+tiny-llama"
     assert read_model_config(by_id).model_id == "tiny-dinosiglip+tiny-llama"
+
+
+def test_a_custom_model_with_its_own_llm_config_round_trips(tmp_path, rgb_image):
+    """A vision/LLM combination no registered ModelConfig has, with an LLM outside the registry (sizes, rms_norm_eps):
+    the run directory records `llm_config`, and loading it rebuilds the same architecture and logits."""
+    llm_config = {**LLM_BACKBONES["tiny-qwen25"].architecture, "model_type": "qwen2", "hidden_size": 32,
+                  "num_hidden_layers": 3, "rms_norm_eps": 1e-5}
+    model_cfg = CustomModelConfig("my-siglip+qwen", "no-align+gelu-mlp", "tiny-siglip-vit", "tiny-qwen25",
+                                  "letterbox", 256, llm_config=llm_config)
+    vlm = build_vlm(model_cfg).eval()
+    _perturb(vlm)
+    save_base_vlm(vlm, model_cfg, tmp_path)
+    section = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert section["type"] == "my-siglip+qwen" and section["llm_config"] == llm_config
+    assert read_model_config(tmp_path) == model_cfg and isinstance(read_model_config(tmp_path), CustomModelConfig)
+    reloaded = load_base_vlm(tmp_path).eval()
+    config = reloaded.llm_backbone.llm.config
+    assert (config.hidden_size, config.num_hidden_layers, config.rms_norm_eps) == (32, 3, 1e-5)
+    assert torch.equal(_logits(reloaded, rgb_image), _logits(vlm, rgb_image))
+
+
+def test_model_config_from_fields():
+    registered = model_config_from_fields({"type": "x", "model_id": "tiny-siglip+tiny-llama", "llm_max_length": 64})
+    assert type(registered) is type(get_model_config("tiny-siglip+tiny-llama")) and registered.llm_max_length == 64
+    with pytest.raises(ValueError, match=r"'mine' is not registered and lacks \['arch_specifier'"):
+        model_config_from_fields({"model_id": "mine", "vision_backbone_id": "tiny-siglip-vit"})
+
+
+def test_a_truncated_checkpoint_is_named(tmp_path):
+    model_cfg = get_model_config("tiny-siglip+tiny-llama")
+    checkpoint = save_base_vlm(build_vlm(model_cfg), model_cfg, tmp_path / "base")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
+    expected = rf"{re.escape(str(checkpoint))} is not a readable torch checkpoint .*truncated"
+    with pytest.raises(ValueError, match=expected):
+        load_run_dir(tmp_path / "base")

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from tests.conftest import build_tiny
-from vla_train.config.model import get_model_config
+from vla_train.config.model import get_model_config, model_config_section
 from vla_train.config.train import TrainConfig, write_run_configs
 from vla_train.config.vla import TinyTest
 from vla_train.log import logger
 from vla_train.models.run_dir import read_model_config, save_base_vlm
 from vla_train.training.checkpoint import CheckpointManager
 from vla_train.training.distributed import DistributedContext
-from vla_train.training.run_guard import RunDirectoryError, model_section, prepare_run_dir, write_run_files
+from vla_train.training.run_guard import RunDirectoryError, prepare_run_dir, write_run_files
 from vla_train.training.run_lock import LOCK_NAME, acquire_run_lock
 
 CTX = DistributedContext(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"),
@@ -182,7 +182,7 @@ def test_fine_tuning_records_the_checkpoints_model_not_the_recipes(tmp_path):
     write_run_files(cfg, plan, STATISTICS)
     plan.release()
     recorded = json.loads((tmp_path / "tuned" / "config.json").read_text())["model"]
-    assert recorded == model_section(get_model_config("tiny-siglip+tiny-llama"))
+    assert recorded == model_config_section(get_model_config("tiny-siglip+tiny-llama"))
     assert read_model_config(tmp_path / "tuned").model_id == "tiny-siglip+tiny-llama"
 
 

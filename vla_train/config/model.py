@@ -5,7 +5,9 @@ VLAs use (`siglip-224px+7b`, `prism-dinosiglip-224px+7b`), a MiniVLA-style Qwen2
 configs (a few ViT blocks, a 2-layer LM, a project-built tokenizer) for tests and the demo.
 """
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import draccus
 
@@ -20,6 +22,10 @@ class ModelConfig(draccus.ChoiceRegistry):
     llm_backbone_id: str  # key of vla_train.models.llm.LLM_BACKBONES
     image_resize_strategy: str  # "resize-naive" | "resize-crop" | "letterbox"
     llm_max_length: int = 2048  # tokenizer model_max_length; the collator truncates to it
+    # The LLM's Hugging Face config (an export's `text_config`, e.g. {"model_type": "llama", "hidden_size": 4096,
+    # "rms_norm_eps": 1e-05, "vocab_size": 32064, ...}): when set, it replaces the registry architecture of
+    # `llm_backbone_id`, which still gives the family, tokenizer and prompt format. Imports set it.
+    llm_config: dict[str, Any] | None = None
 
     # VLM recipes (align: projector only; finetune: projector + LLM), as in the reference.
     align_epochs: int = 1
@@ -122,6 +128,36 @@ class TinyDinoSigLIPQwen25(ModelConfig):
     llm_backbone_id: str = "tiny-qwen25"
     image_resize_strategy: str = "resize-naive"
     llm_max_length: int = 512
+
+
+@dataclass
+class CustomModelConfig(ModelConfig):
+    """A base VLM outside the registry (e.g. an imported vision/LLM combination), described by its fields alone.
+
+    Deliberately not registered (so not a `--model.type` choice); being a subclass, it encodes with `draccus.encode`
+    like the registered entries (the registry's root class cannot be encoded).
+    """
+
+
+def model_config_from_fields(values: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a run directory's `config.json["model"]` values: the registered entry `model_id` with these
+    values, or a `CustomModelConfig`. Unknown keys (e.g. `type`) are ignored; a missing identifying field is an error."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    known = {key: value for key, value in values.items() if key in names}
+    model_id = known.get("model_id")
+    if model_id in ModelConfig.get_known_choices():
+        return dataclasses.replace(ModelConfig.get_choice_class(model_id)(), **known)
+    required = [f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING]
+    missing = [name for name in required if name not in known]
+    if missing:
+        raise ValueError(f"Model config {model_id!r} is not registered and lacks {missing}. Fix: give every field of "
+                         f"{required}, or a registered model_id ({sorted(ModelConfig.get_known_choices())}).")
+    return CustomModelConfig(**known)
+
+
+def model_config_section(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The run directory's `config.json["model"]` section: `{"type": model_id, <every field>}`."""
+    return {"type": model_cfg.model_id, **draccus.encode(model_cfg)}
 
 
 def get_model_config(model_id: str) -> ModelConfig:

@@ -19,6 +19,7 @@ from typing import Any
 
 import timm
 import torch
+from transformers import PretrainedConfig
 
 from vla_train.config.model import ModelConfig
 from vla_train.export.hf_remote import REMOTE_MODULES
@@ -46,6 +47,12 @@ AUTO_MAP = {
 }
 PROCESSOR_AUTO_MAP = {key: AUTO_MAP[key] for key in ("AutoImageProcessor", "AutoProcessor")}
 _EXAMPLE_INSTRUCTION = "pick up the red block"
+TOKENIZER_INPUT_NAMES = ("input_ids", "attention_mask")
+# `from_pretrained` arguments transformers records in a tokenizer's init kwargs (and `save_pretrained` writes back):
+# they describe one load on one machine, not the tokenizer.
+TOKENIZER_LOAD_TIME_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "proxies",
+                            "resume_download", "token", "use_auth_token", "revision", "subfolder", "trust_remote_code",
+                            "_commit_hash", "_from_auto", "name_or_path")
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
@@ -117,17 +124,30 @@ def featurizer_settings(vision: VisionBackbone) -> list[dict[str, Any]]:
     return settings
 
 
+def export_text_config(llm_config: PretrainedConfig, dtype_name: str = "float32") -> dict[str, Any]:
+    """The `text_config` an export carries for an LLM config (before `OpenVLAConfig` serializes it)."""
+    text_config = llm_config.to_dict()
+    for key in ("_name_or_path", "architectures", "transformers_version"):
+        text_config.pop(key, None)
+    text_config.update(use_cache=True, dtype=dtype_name)
+    return text_config
+
+
+def text_config_as_written(text_config: dict[str, Any]) -> dict[str, Any]:
+    """`text_config` as an export's `config.json` holds it (the remote `OpenVLAConfig`'s serialization, with the
+    legacy keys transformers 4.x reads), e.g. for comparing an imported directory's with what a re-export writes."""
+    return json.loads(OpenVLAConfig(text_config=text_config).to_json_string())["text_config"]
+
+
 def build_hf_config(vlm: OpenVLA, model_cfg: ModelConfig, norm_stats: dict[str, Any],
                     dtype: torch.dtype) -> OpenVLAConfig:
     """The exported `OpenVLAConfig` of a (meta-device) native OpenVLA."""
     llm, vision = vlm.llm_backbone, vlm.vision_backbone
     tokenizer = llm.get_tokenizer()
     featurizers = featurizer_settings(vision)
-    text_config = llm.llm.config.to_dict()
-    for key in ("_name_or_path", "architectures", "transformers_version"):
-        text_config.pop(key, None)
     dtype_name = str(dtype).removeprefix("torch.")
-    text_config.update(use_cache=True, pad_token_id=tokenizer.pad_token_id, dtype=dtype_name)
+    text_config = export_text_config(llm.llm.config, dtype_name)
+    text_config["pad_token_id"] = tokenizer.pad_token_id
     return OpenVLAConfig(
         vision_backbone_id=model_cfg.vision_backbone_id, llm_backbone_id=model_cfg.llm_backbone_id,
         arch_specifier=model_cfg.arch_specifier, use_fused_vision_backbone=vision.is_fused,
@@ -183,7 +203,9 @@ def save_processor(processor: PrismaticProcessor, out_dir: Path) -> None:
     passes every other `processor_config.json` key to the processor's constructor. So: the image processor (with its
     `auto_map`) goes to `preprocessor_config.json`, and `processor_config.json` names only the class. The tokenizer
     class is recorded as `PreTrainedTokenizerFast` (transformers 5 loads any `openvla` tokenizer with its tokenizers
-    backend regardless; 4.x has no `TokenizersBackend`).
+    backend regardless; 4.x has no `TokenizersBackend`), with `model_input_names` (4.x's `PreTrainedTokenizerFast`
+    would otherwise also return `token_type_ids`) and without the settings of the load that built the tokenizer
+    (`TOKENIZER_LOAD_TIME_KEYS`, e.g. `local_files_only`).
     """
     processor.save_pretrained(out_dir)
     image_processor = {**processor.image_processor.to_dict(), "image_processor_type": "PrismaticImageProcessor",
@@ -192,7 +214,9 @@ def save_processor(processor: PrismaticProcessor, out_dir: Path) -> None:
     _write_json(out_dir / "processor_config.json",
                 {"processor_class": "PrismaticProcessor", "auto_map": dict(PROCESSOR_AUTO_MAP)})
     tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in TOKENIZER_LOAD_TIME_KEYS:
+        tokenizer_config.pop(key, None)
+    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=list(TOKENIZER_INPUT_NAMES))
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
 
 

@@ -4,13 +4,19 @@ Input: the layout of the released `openvla-7b` (or of `export_hf`): `config.json
 `llm_backbone_id`, `arch_specifier`, `image_resize_strategy`, `llm_max_length`, `norm_stats`, and safetensors weights
 (`model.safetensors`, or shards listed in `model.safetensors.index.json`) in the reference HF key layout.
 
+The LLM's architecture comes from `text_config` (sizes, `rms_norm_eps`, vocabulary, ...; read as the remote code
+reads it), not from the `llm_backbone_id` registry entry, which gives the family, tokenizer and prompt format: an
+export of the imported run writes the same `text_config` and computes the same logits.
+
 Output (`import_hf(hf_dir, out_dir)`), what `train.py --pretrained_checkpoint <...>.pt --is_resume false` reads:
-- `config.json` with a `vla` section whose `base_vlm` is the registered ModelConfig id matching the HF config, or,
-  when none matches, a base-VLM run directory written to `out_dir/base_vlm` (its `config.json` "model" section, and
-  `checkpoints/latest-checkpoint.pt` linked to the imported weights);
+- `config.json` with a `vla` section whose `base_vlm` is the registered ModelConfig id that builds exactly this model,
+  or, when none does, a base-VLM run directory written to `out_dir/base_vlm` (its `config.json` "model" section,
+  with the `text_config` architecture as `llm_config`, and `checkpoints/latest-checkpoint.pt` linked to the imported
+  weights);
 - `dataset_statistics.json` (the config's `norm_stats`);
 - `checkpoints/step-000000-epoch-00-loss=inf.pt` (`{"model": {"vision_backbone", "projector", "llm_backbone"}}` in
   FP32) and `checkpoints/latest-checkpoint.pt` (a hard link, else a copy).
+Every check runs before the first write, so a failed import leaves nothing behind.
 """
 
 import dataclasses
@@ -18,20 +24,26 @@ import json
 from pathlib import Path
 from typing import Any
 
-import draccus
 import torch
 from safetensors.torch import load_file
 
-from vla_train.config.model import ModelConfig
-from vla_train.export.hf import DATASET_STATISTICS
+from vla_train.config.model import ModelConfig, model_config_from_fields, model_config_section
+from vla_train.export.hf import DATASET_STATISTICS, export_text_config, text_config_as_written
 from vla_train.export.keys import MODULE_KEYS, hf_to_native
 from vla_train.log import logger
 from vla_train.models.build import build_vlm
 from vla_train.models.image_transforms import validate_resize_strategy
-from vla_train.models.llm import get_llm_backbone_spec
+from vla_train.models.llm import (
+    LLMBackbone,
+    architecture_dict,
+    architecture_differences,
+    build_llm_config,
+    get_llm_backbone_spec,
+)
 from vla_train.models.projector import projector_kind
 from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, atomic_torch_save, check_module_state
 from vla_train.models.vision import get_vision_backbone_spec
+from vla_train.models.vlm import PrismaticVLM
 from vla_train.training.checkpoint_io import atomic_link_or_copy, checkpoint_name
 
 REQUIRED_FIELDS = ("vision_backbone_id", "llm_backbone_id", "arch_specifier", "image_resize_strategy", "norm_stats")
@@ -65,20 +77,67 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     return config
 
 
+def imported_llm_config(config: dict[str, Any], llm_backbone_id: str) -> dict[str, Any] | None:
+    """The LLM architecture of an OpenVLA config: its `text_config` read as the remote code reads it (the family's
+    config class fills in defaults), as JSON values without save/run-time keys; None without a `text_config`."""
+    text_config = config.get("text_config")
+    if text_config is None:
+        logger.warning("config.json has no text_config: the LLM takes the registry architecture of %s.",
+                       llm_backbone_id)
+        return None
+    if not isinstance(text_config, dict):
+        raise ValueError(f"text_config must be a JSON object (an LLM's Hugging Face config), got {text_config!r}.")
+    return architecture_dict(build_llm_config(get_llm_backbone_spec(llm_backbone_id), text_config, "text_config"))
+
+
+def written_text_config(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture keys of the `text_config` an export of `model_cfg` writes (its LLM built on the meta device)."""
+    with torch.device("meta"):
+        llm = LLMBackbone.from_config(model_cfg.llm_backbone_id, model_cfg.llm_max_length, inference_mode=True,
+                                      llm_config=model_cfg.llm_config)
+    return architecture_dict(text_config_as_written(export_text_config(llm.llm.config)))
+
+
 def match_model_config(config: dict[str, Any]) -> tuple[ModelConfig, bool]:
-    """`(model_cfg, registered)`: the registered ModelConfig whose identifying fields equal the HF config's (the
-    config's own `model_id` first), else a new ModelConfig with those fields."""
+    """`(model_cfg, registered)`. `registered`: a registered ModelConfig (the config's own `model_id` first) has the
+    config's identifying fields and builds the LLM its `text_config` describes. Otherwise a ModelConfig with those
+    fields and `llm_config` (the `text_config`'s architecture): the registered one of `model_id` modified, or a
+    `CustomModelConfig` (`model_id`, else `hf-<vision>+<llm>`)."""
     wanted = {field: config[field] for field in IDENTITY_FIELDS}
+    llm_config = imported_llm_config(config, config["llm_backbone_id"])
     known = sorted(ModelConfig.get_known_choices())
     preferred = [config["model_id"]] if config.get("model_id") in known else []
     for model_id in preferred + known:
         candidate = ModelConfig.get_choice_class(model_id)()
         if all(getattr(candidate, field) == value for field, value in wanted.items()):
-            return candidate, True
+            if llm_config is None:
+                return candidate, True
+            custom = dataclasses.replace(candidate, llm_config=llm_config)
+            if written_text_config(custom) == written_text_config(candidate):
+                return candidate, True
+            return custom, False
     model_id = config.get("model_id") or f"hf-{config['vision_backbone_id']}+{config['llm_backbone_id']}"
-    base = ModelConfig.get_choice_class(model_id)() if model_id in known else None
-    model_cfg = dataclasses.replace(base, **wanted) if base is not None else ModelConfig(model_id=model_id, **wanted)
-    return model_cfg, False
+    return model_config_from_fields({"model_id": model_id, **wanted, "llm_config": llm_config}), False
+
+
+def check_text_config_survives(config: dict[str, Any], llm: LLMBackbone, source: Path) -> None:
+    """Raise unless an export of `llm` writes every architecture value of the config's `text_config` unchanged.
+
+    Keys the installed transformers drops when it reads the config (e.g. generation defaults and a null
+    `rope_scaling` in a config written by transformers 4.x) are not architecture there, and are not compared."""
+    if config.get("text_config") is None:
+        return
+    as_read = text_config_as_written(export_text_config(build_llm_config(llm.spec, config["text_config"])))
+    expected = {k: v for k, v in architecture_dict(config["text_config"]).items() if k in as_read}
+    actual = architecture_dict(text_config_as_written(export_text_config(llm.llm.config)))
+    differences = architecture_differences(expected, actual)
+    if differences:
+        raise ValueError(
+            f"{source}: text_config would not survive the import (config.json vs the LLM vla_train builds with the "
+            f"tokenizer of llm_backbone_id={llm.identifier!r}): {'; '.join(differences[:8])}. Fix: correct these "
+            "text_config values (vocab_size must hold that tokenizer, padded to a multiple of 64, and pad_token_id "
+            "be its pad id; rope_theta must equal rope_parameters.rope_theta), or set the llm_backbone_id whose "
+            "tokenizer the model uses.")
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -101,11 +160,9 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def to_native_modules(state: dict[str, torch.Tensor], model_cfg: ModelConfig,
+def to_native_modules(state: dict[str, torch.Tensor], vlm: PrismaticVLM,
                       source: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """HF tensors -> the three native module state dicts, checked against the model `model_cfg` builds."""
-    with torch.device("meta"):
-        vlm = build_vlm(model_cfg, inference_mode=True)
+    """HF tensors -> the three native module state dicts, checked key by key and shape by shape against `vlm`."""
     modules = hf_to_native(state, vlm.vision_backbone.keys)
     llm = modules["llm_backbone"]
     # A tied head is saved once (transformers drops the tied copy); the native checkpoint stores both names.
@@ -125,21 +182,56 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 
 def write_base_vlm_dir(model_cfg: ModelConfig, base_dir: Path, checkpoint: Path) -> None:
     """A base-VLM run directory (`config.json` "model" section) whose latest checkpoint is the imported one."""
-    _write_json(base_dir / "config.json", {"model": {"type": model_cfg.model_id, **draccus.encode(model_cfg)}})
+    _write_json(base_dir / "config.json", {"model": model_config_section(model_cfg)})
     (base_dir / CHECKPOINT_SUBDIR).mkdir(parents=True, exist_ok=True)
     atomic_link_or_copy(checkpoint, base_dir / CHECKPOINT_SUBDIR / LATEST_CHECKPOINT)
 
 
+def check_llm_sizes(state: dict[str, torch.Tensor], llm: LLMBackbone, source: Path) -> None:
+    """Raise, naming the `text_config` values, when the LLM it describes cannot hold the weights' embedding
+    (`[vocab_size, hidden_size]`) or decoder layers (`num_hidden_layers`)."""
+    config, found = llm.llm.config, []
+    embed = state.get("language_model.model.embed_tokens.weight")
+    if embed is not None and tuple(embed.shape) != (config.vocab_size, config.hidden_size):
+        found.append(f"vocab_size={config.vocab_size} and hidden_size={config.hidden_size}, but "
+                     f"language_model.model.embed_tokens.weight is {tuple(embed.shape)}")
+    layers = {key.split(".")[3] for key in state if key.startswith("language_model.model.layers.")}
+    if layers and len(layers) != config.num_hidden_layers:
+        found.append(f"num_hidden_layers={config.num_hidden_layers}, but the weights hold {len(layers)} layers")
+    if found:
+        raise ValueError(f"{source}: the LLM of text_config (read with transformers' defaults for what it leaves "
+                         f"out) does not fit the weights: {'; '.join(found)}. Fix: write the LLM's full Hugging Face "
+                         "config (sizes, rms_norm_eps, vocab_size, ...) as text_config in config.json.")
+
+
+def prepare_import(hf_dir: Path) -> tuple[dict[str, Any], ModelConfig, bool, dict[str, dict[str, torch.Tensor]]]:
+    """Every check of an import, before anything is written: `(hf config, model_cfg, registered, native modules)`."""
+    config = read_hf_config(hf_dir)
+    try:
+        model_cfg, registered = match_model_config(config)
+    except ValueError as error:
+        raise ValueError(f"{hf_dir / 'config.json'}: {error}") from error
+    with torch.device("meta"):
+        vlm = build_vlm(model_cfg, inference_mode=True)
+    check_text_config_survives(config, vlm.llm_backbone, hf_dir / "config.json")
+    state = read_hf_weights(hf_dir)
+    check_llm_sizes(state, vlm.llm_backbone, hf_dir / "config.json")
+    modules = to_native_modules(state, vlm, hf_dir)
+    model_config_section(model_cfg)  # encodable: fails here rather than after the checkpoint is written
+    return config, model_cfg, registered, modules
+
+
 def import_hf(hf_dir: str | Path, out_dir: str | Path, *, vla_id: str | None = None,
               overwrite: bool = False) -> Path:
-    """Write a training run directory for `hf_dir`'s weights and statistics; returns its checkpoint `.pt` path."""
+    """Write a training run directory for `hf_dir`'s weights and statistics; returns its checkpoint `.pt` path.
+
+    Every check (config, LLM architecture, weights) runs before the first write: a failed import leaves no files.
+    """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    config = read_hf_config(hf_dir)
     checkpoint = out_dir / CHECKPOINT_SUBDIR / f"{checkpoint_name(0, 0, None)}.pt"
     if checkpoint.exists() and not overwrite:
         raise FileExistsError(f"{checkpoint} exists. Fix: pass --overwrite true or another --out_dir.")
-    model_cfg, registered = match_model_config(config)
-    modules = to_native_modules(read_hf_weights(hf_dir), model_cfg, hf_dir)
+    config, model_cfg, registered, modules = prepare_import(hf_dir)
 
     atomic_torch_save({"model": modules}, checkpoint)
     atomic_link_or_copy(checkpoint, checkpoint.parent / LATEST_CHECKPOINT)

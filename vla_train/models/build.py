@@ -1,8 +1,9 @@
 """Compose a PrismaticVLM / OpenVLA from a ModelConfig: vision backbone, LLM backbone, projector.
 
 Weights: the vision featurizers and projector start from deterministic random initialization (seeded identically on
-every rank); the LLM starts from a local Hugging Face directory when one is given (FP32), else from its registry
-architecture. Real weights then come from a Prismatic run directory (`vla_train.models.run_dir`).
+every rank); the LLM starts from a local Hugging Face directory when one is given (FP32), else from its architecture
+(`model_cfg.llm_config` when set, else the registry's). Real weights then come from a Prismatic run directory
+(`vla_train.models.run_dir`).
 """
 
 from pathlib import Path
@@ -37,10 +38,10 @@ def build_vlm(
         vision = VisionBackbone(model_cfg.vision_backbone_id, model_cfg.image_resize_strategy)
         if llm_hf_dir is not None:
             llm = LLMBackbone.from_pretrained_dir(model_cfg.llm_backbone_id, llm_hf_dir, model_cfg.llm_max_length,
-                                                  inference_mode=inference_mode)
+                                                  inference_mode=inference_mode, llm_config=model_cfg.llm_config)
         else:
             llm = LLMBackbone.from_config(model_cfg.llm_backbone_id, model_cfg.llm_max_length,
-                                          inference_mode=inference_mode)
+                                          inference_mode=inference_mode, llm_config=model_cfg.llm_config)
     common = dict(arch_specifier=model_cfg.arch_specifier,
                   enable_mixed_precision_training=model_cfg.enable_mixed_precision_training)
     if vla:

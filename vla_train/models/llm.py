@@ -8,6 +8,8 @@ embeddings are never shrunk, unlike the reference's unconditional resize).
 """
 
 import dataclasses
+import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,11 @@ from vla_train.models.prompts import PromptBuilder, get_prompt_builder_class
 from vla_train.models.tokenizers import build_tiny_tokenizer
 
 PAD_TO_MULTIPLE_OF = 64
+# Keys of a serialized Hugging Face config that describe how it was saved or is run, not the architecture.
+NON_ARCHITECTURE_KEYS = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype",
+                         "use_cache", "_attn_implementation", "attn_implementation")
+# The KV cache is `past_key_values` up to transformers 5.23 and `cache` from 5.24 (forward arguments and outputs).
+CACHE_NAMES = ("cache", "past_key_values")
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,54 @@ def get_llm_backbone_spec(backbone_id: "str | LLMBackboneSpec") -> LLMBackboneSp
     return LLM_BACKBONES[backbone_id]
 
 
+def architecture_dict(config: PretrainedConfig | dict[str, Any]) -> dict[str, Any]:
+    """A config's architecture as plain JSON values (`to_dict()` minus `NON_ARCHITECTURE_KEYS`; JSON turns e.g.
+    `id2label`'s int keys into strings), so that it compares equal after a trip through a `config.json`."""
+    values = config.to_dict() if isinstance(config, PretrainedConfig) else dict(config)
+    return json.loads(json.dumps({k: v for k, v in values.items() if k not in NON_ARCHITECTURE_KEYS}))
+
+
+def build_llm_config(spec: LLMBackboneSpec, llm_config: dict[str, Any] | None = None,
+                     name: str = "llm_config") -> PretrainedConfig:
+    """The transformers config of a backbone: `llm_config` (a Hugging Face config dict, e.g. an export's
+    `text_config`; `name` in errors) when given, else the registry architecture. It must be of the backbone's family.
+    """
+    family = LLM_FAMILIES[spec.family]
+    if llm_config is None:
+        return family.config_cls(**spec.architecture)
+    values = {k: v for k, v in llm_config.items() if k not in NON_ARCHITECTURE_KEYS}
+    model_type = values.pop("model_type", spec.family)
+    if model_type != spec.family:
+        same_family = sorted(b for b, s in LLM_BACKBONES.items() if s.family == model_type)
+        raise ValueError(f"{name}.model_type={model_type!r} does not match llm_backbone_id={spec.backbone_id!r}, "
+                         f"a {spec.family!r} backbone. Fix: pick a {model_type!r} backbone for its tokenizer and "
+                         f"prompt format ({same_family or 'none is registered'}), or a {spec.family!r} {name}.")
+    try:
+        return family.config_cls(**values)
+    except Exception as error:  # transformers 5 validates with huggingface_hub's StrictDataclassError, not ValueError
+        raise ValueError(f"{name} is not a valid {family.config_cls.__name__} ({error}). Fix: pass the "
+                         "model's Hugging Face config.json content (an export's text_config).") from error
+
+
+def architecture_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """`"key: expected vs actual"` for every key of `expected` (JSON values) whose value `actual` does not have."""
+    return [f"{key}: {value!r} vs {actual[key]!r}" if key in actual else f"{key}: {value!r} vs absent"
+            for key, value in sorted(expected.items()) if key not in actual or actual[key] != value]
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which `model.forward` takes its KV cache (`cache` from transformers 5.24, else
+    `past_key_values`), so callers pass it without a deprecated keyword."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_NAMES if name in parameters), "past_key_values")
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of a transformers model output, whichever name the installed version gives it (None if none)."""
+    fields = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output)
+    return next((getattr(output, name) for name in CACHE_NAMES if name in fields), None)
+
+
 def padded_vocab_rows(current_rows: int, tokenizer_len: int) -> int:
     """Rows the embedding needs: grow to a multiple of 64 when the tokenizer outgrows it; never shrink."""
     needed = -(-tokenizer_len // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
@@ -184,6 +239,7 @@ class LLMBackbone(nn.Module):
         super().__init__()
         self.spec, self.identifier, self.llm_max_length = spec, spec.backbone_id, llm_max_length
         self.llm, self.tokenizer = llm, tokenizer
+        self.cache_argument = cache_argument(llm)
         if tokenizer is not None:
             prepare_tokenizer(spec, tokenizer)
             self.llm.config.pad_token_id = tokenizer.pad_token_id
@@ -202,28 +258,38 @@ class LLMBackbone(nn.Module):
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, backbone_id: str | LLMBackboneSpec, llm_max_length: int = 2048, inference_mode: bool = False,
-                    tokenizer: PreTrainedTokenizerBase | None = None,
-                    attn_implementation: str = "sdpa") -> "LLMBackbone":
-        """Random weights from the registry architecture (FP32); works under `torch.device("meta")`."""
+                    tokenizer: PreTrainedTokenizerBase | None = None, attn_implementation: str = "sdpa",
+                    llm_config: dict[str, Any] | None = None) -> "LLMBackbone":
+        """Random weights (FP32) of the registry architecture, or of `llm_config` (a Hugging Face config dict of the
+        backbone's family, see `build_llm_config`); works under `torch.device("meta")`."""
         spec = get_llm_backbone_spec(backbone_id)
-        family = LLM_FAMILIES[spec.family]
-        config = family.config_cls(**spec.architecture)
+        config = build_llm_config(spec, llm_config)
         config._attn_implementation = attn_implementation
-        llm = family.model_cls(config).to(torch.float32)
+        llm = LLM_FAMILIES[spec.family].model_cls(config).to(torch.float32)
         tokenizer = tokenizer if tokenizer is not None else find_local_tokenizer(spec, llm_max_length)
         return cls(spec, llm, tokenizer, llm_max_length, inference_mode)
 
     @classmethod
     def from_pretrained_dir(cls, backbone_id: str | LLMBackboneSpec, path: str | Path, llm_max_length: int = 2048,
-                            inference_mode: bool = False, attn_implementation: str = "sdpa") -> "LLMBackbone":
-        """Weights, config and tokenizer from a local Hugging Face directory, weights in FP32."""
+                            inference_mode: bool = False, attn_implementation: str = "sdpa",
+                            llm_config: dict[str, Any] | None = None) -> "LLMBackbone":
+        """Weights, config and tokenizer from a local Hugging Face directory, weights in FP32. A given `llm_config`
+        must describe the directory's architecture (checked on the keys it sets)."""
         spec, path = get_llm_backbone_spec(backbone_id), Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"No Hugging Face model at {path} (missing {path / 'config.json'}).")
         family = LLM_FAMILIES[spec.family]
         llm = family.model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=llm_max_length)
-        return cls(spec, llm, tokenizer, llm_max_length, inference_mode)
+        backbone = cls(spec, llm, tokenizer, llm_max_length, inference_mode)
+        if llm_config is not None:  # compared after the pad token and embedding padding, as from_config builds it
+            expected = architecture_dict(build_llm_config(spec, llm_config))
+            differences = architecture_differences(expected, architecture_dict(backbone.llm.config))
+            if differences:
+                raise ValueError(f"The LLM in {path} is not the model's llm_config architecture (llm_config vs "
+                                 f"directory: {'; '.join(differences[:8])}). Fix: pass the Hugging Face directory "
+                                 "of this model's LLM, or no llm_hf_dir.")
+        return backbone
 
     # --- metadata -----------------------------------------------------------------------------------------------
     @property
@@ -262,7 +328,10 @@ class LLMBackbone(nn.Module):
     def embed_input_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(input_ids)
 
-    def forward(self, **kwargs: Any) -> Any:
+    def forward(self, past_key_values: Any = None, **kwargs: Any) -> Any:
+        """The causal LM's forward; the KV cache goes in under the name the installed transformers uses."""
+        if past_key_values is not None:
+            kwargs[self.cache_argument] = past_key_values
         return self.llm(**kwargs)
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vla_train.models.action_tokenizer import ActionTokenizer
-from vla_train.models.llm import LLMBackbone
+from vla_train.models.llm import LLMBackbone, output_cache
 from vla_train.models.vision import VisionBackbone
 from vla_train.models.vla_prompt import vla_prompt_prefix_ids
 from vla_train.models.vlm import PrismaticVLM
@@ -64,7 +64,7 @@ class OpenVLA(PrismaticVLM):
                       pixel_values=pixel_values, use_cache=True)
         generated = [output.logits[:, -1].argmax(dim=-1)]
         for _ in range(num_tokens - 1):
-            output = self(input_ids=generated[-1][:, None], past_key_values=output.past_key_values, use_cache=True)
+            output = self(input_ids=generated[-1][:, None], past_key_values=output_cache(output), use_cache=True)
             generated.append(output.logits[:, -1].argmax(dim=-1))
         return torch.stack(generated, dim=1)
 

@@ -1,25 +1,25 @@
 """Prismatic run directories: save and load a base VLM (or VLA) in the reference's layout, in FP32.
 
 Layout (facts §4.7): `run_dir/config.json` with a `"model"` section (`model_id`, `vision_backbone_id`,
-`llm_backbone_id`, `arch_specifier`, `image_resize_strategy`, `llm_max_length`), and
+`llm_backbone_id`, `arch_specifier`, `image_resize_strategy`, `llm_max_length`, and this project's `llm_config` when
+the LLM's architecture is not the registry's), and
 `run_dir/checkpoints/latest-checkpoint.pt` holding `{"model": {"vision_backbone": sd, "projector": sd,
 "llm_backbone": sd}}`. `projector` and `llm_backbone` are required; a checkpoint without `vision_backbone` (the
 released Prismatic base VLMs) keeps the featurizers' pretrained timm weights, read from the local Hugging Face cache.
 """
 
-import dataclasses
 import json
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import draccus
 import timm
 import torch
 from huggingface_hub import try_to_load_from_cache
 
-from vla_train.config.model import ModelConfig
+from vla_train.config.model import ModelConfig, model_config_from_fields, model_config_section
 from vla_train.log import logger
 from vla_train.models.build import build_vlm, check_all_fp32
 from vla_train.models.openvla import NormStats
@@ -53,7 +53,7 @@ def save_base_vlm(vlm: PrismaticVLM, model_cfg: ModelConfig, run_dir: str | Path
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT_SUBDIR / LATEST_CHECKPOINT
     atomic_torch_save({"model": model_state_dicts(vlm)}, ckpt)
-    config = {"model": {"type": model_cfg.model_id, **draccus.encode(model_cfg)}}
+    config = {"model": model_config_section(model_cfg)}
     tmp = run_dir / ".config.json.tmp"
     tmp.write_text(json.dumps(config, indent=2))
     os.replace(tmp, run_dir / "config.json")
@@ -77,12 +77,7 @@ def read_model_config(run_dir: Path) -> ModelConfig:
     if not isinstance(section, dict) or any(key not in section for key in MODEL_ID_KEYS):
         raise ValueError(f"{config_path} needs a 'model' section with keys {list(MODEL_ID_KEYS)} (or a 'vla' "
                          f"section naming its base_vlm).")
-    model_id = section["model_id"]
-    base = ModelConfig.get_choice_class(model_id)() if model_id in ModelConfig.get_known_choices() else None
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    values = {k: v for k, v in section.items() if k in fields}
-    values.setdefault("llm_max_length", 2048)
-    return dataclasses.replace(base, **values) if base is not None else ModelConfig(**values)
+    return model_config_from_fields({"llm_max_length": 2048, **section})
 
 
 def check_module_state(expected: Mapping[str, torch.Size | Sequence[int]], state: Mapping[str, torch.Tensor],
@@ -182,7 +177,11 @@ def load_run_dir(run_dir: Path, *, vla: bool = False, norm_stats: NormStats | No
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist (a run directory needs "
                                 f"{CHECKPOINT_SUBDIR}/{LATEST_CHECKPOINT}).")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # torch's zip reader names no path
+        raise ValueError(f"{ckpt_path} is not a readable torch checkpoint ({str(error).splitlines()[0]}): it is "
+                         "truncated or corrupt. Fix: use another checkpoint of the run (or copy it again).") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{ckpt_path} is not a Prismatic checkpoint: expected a dict with a 'model' dict.")
     modules = state["model"]

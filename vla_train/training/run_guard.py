@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import draccus
 import torch.distributed as dist
 
-from vla_train.config.model import ModelConfig
+from vla_train.config.model import ModelConfig, model_config_section
 from vla_train.config.train import RESUME_AUTO, TrainConfig, load_train_config, write_run_configs
 from vla_train.data.statistics import save_dataset_statistics
 from vla_train.log import logger
@@ -59,11 +58,6 @@ def _dotted(cfg: TrainConfig, name: str) -> Any:
     return value
 
 
-def model_section(model_cfg: ModelConfig) -> dict[str, Any]:
-    """The `config.json["model"]` section (the Prismatic run-directory layout) of a model config."""
-    return {"type": model_cfg.model_id, **draccus.encode(model_cfg)}
-
-
 def base_vlm_config(base_vlm: str) -> ModelConfig:
     """The ModelConfig of a `vla.base_vlm`: a run directory (or model-zoo entry), or a registered model id."""
     run_dir = find_run_dir(base_vlm)
@@ -82,10 +76,10 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
         return base_vlm_config(cfg.vla.base_vlm)
     model_cfg = read_model_config(Path(cfg.pretrained_checkpoint).parents[1])
     try:
-        recipe = model_section(base_vlm_config(cfg.vla.base_vlm))
+        recipe = model_config_section(base_vlm_config(cfg.vla.base_vlm))
     except (ValueError, FileNotFoundError):
         recipe = None
-    if recipe != model_section(model_cfg):
+    if recipe != model_config_section(model_cfg):
         logger.warning("Fine-tuning %s: its model (%s) is not --vla.base_vlm %s; the run records the checkpoint's "
                        "model in config.json, which export and serving read.", cfg.pretrained_checkpoint,
                        model_cfg.model_id, cfg.vla.base_vlm)
@@ -196,7 +190,7 @@ def _decide(cfg: TrainConfig, run_dir: Path, world_size: int) -> tuple[Path | No
             "a fresh run would mix with it and --keep_last_k would delete its checkpoints. Fix: pass --resume auto to "
             "continue it, --run_id <new id> (or --run_id_note) to start a new run beside it, or --overwrite true to "
             "delete it and start over.")
-    model = model_section(resolve_model_config(cfg))
+    model = model_config_section(resolve_model_config(cfg))
     return resume_from, model
 
 

@@ -13,11 +13,13 @@ forward splices the projected patches after the BOS embedding: the LLM sees `[BO
 `predict_action` decodes greedily with a KV cache, then maps token ids to bin centres and un-normalizes them with the
 dataset's q01/q99 statistics where `mask` is true. Unlike the reference, it extends the attention mask when it appends
 the prompt suffix (the space token before the actions) and supports batches of equal-length, unpadded prompts.
-Written for transformers 5.x (tested) and 4.40 (OpenVLA's pin; version-specific names are guarded).
+Runs on transformers 4.40 (OpenVLA's pin) and 5.x (the KV cache's renaming in 5.24 included); version-specific names
+are guarded, and `vla-scripts/check_export_compat.py` checks a given interpreter.
 """
 
+import inspect
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -25,13 +27,22 @@ import timm
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_prismatic import OpenVLAConfig, PrismaticConfig
 
 IGNORE_INDEX = -100
 # Generation arguments predict_action accepts (greedy decoding only), as the reference's callers pass them.
 _GREEDY_KWARGS = ("do_sample", "num_beams", "temperature", "top_p", "top_k", "use_cache", "max_new_tokens")
+# Processor outputs predict_action ignores: a tokenizer of transformers 4.x may add `token_type_ids` (all zeros).
+_IGNORED_INPUTS = ("token_type_ids",)
+# The KV cache is called `past_key_values` up to transformers 5.23 and `cache` from 5.24 (in outputs and forward
+# arguments). This module never spells either name where transformers reads it: outputs copy the installed
+# `CausalLMOutputWithPast` field by field, the language model gets the cache under the argument name its own
+# `forward` declares, and `_CACHE_FIELD` is read off the installed output class.
+_CACHE_NAMES = ("cache", "past_key_values")
+_LLM_OUTPUT_FIELDS = tuple(f.name for f in fields(CausalLMOutputWithPast))
+_CACHE_FIELD = next(name for name in _CACHE_NAMES if name in _LLM_OUTPUT_FIELDS)
 
 
 # === Vision =========================================================================================================
@@ -130,15 +141,18 @@ class PrismaticProjector(nn.Module):
 
 # === Model ==========================================================================================================
 @dataclass
-class PrismaticCausalLMOutputWithPast(ModelOutput):
-    """The LLM's outputs plus the projected patch features (when requested)."""
+class PrismaticCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """The language model's outputs plus the projected patch features (when requested). Deriving from the installed
+    transformers' `CausalLMOutputWithPast` (filled field by field, see `_CACHE_NAMES`) gives the cache field that
+    version's name (`cache` or `past_key_values`; 5.24+ still reads `.past_key_values` through its alias)."""
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     projector_features: torch.FloatTensor | None = None
+
+
+def _cache_argument(language_model: nn.Module) -> str:
+    """The name under which `language_model.forward` takes its KV cache (`cache` or `past_key_values`)."""
+    parameters = inspect.signature(language_model.forward).parameters
+    return next((name for name in _CACHE_NAMES if name in parameters), _CACHE_FIELD)
 
 
 def _cache_length(past_key_values: Any) -> int:
@@ -155,7 +169,7 @@ class PrismaticPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PrismaticProjector"]  # noqa: RUF012
-    _skip_keys_device_placement = "past_key_values"
+    _skip_keys_device_placement = list(_CACHE_NAMES)  # noqa: RUF012
     _supports_flash_attn_2 = True  # transformers 4.x name
     _supports_flash_attn = True  # transformers 5.x name
     _supports_sdpa = True
@@ -181,6 +195,7 @@ class PrismaticForConditionalGeneration(PrismaticPreTrainedModel):
         attn = getattr(config, "_attn_implementation", None)  # transformers 4.x does not pass it to sub-configs
         kwargs = {"attn_implementation": attn} if isinstance(attn, str) else {}
         self.language_model = AutoModelForCausalLM.from_config(config.text_config, **kwargs)
+        self._llm_cache_argument = _cache_argument(self.language_model)
         self.vocab_size, self.pad_token_id = config.text_config.vocab_size, config.pad_token_id
         self.post_init()
 
@@ -201,6 +216,29 @@ class PrismaticForConditionalGeneration(PrismaticPreTrainedModel):
         return self.language_model.get_decoder()
 
     # --- forward ---------------------------------------------------------------------------------------------------
+    def _splice_patches(self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor,
+                        attention_mask: torch.Tensor | None,
+                        labels: torch.LongTensor | None) -> tuple[torch.Tensor, ...]:
+        """`[B, T]` ids + `[B, 3k, S, S]` images -> (embeddings `[B, T + P, d]`, mask, labels, projected `[B, P, d]`),
+        the projected patches inserted after BOS (mask 1 and label -100 over them)."""
+        if input_ids is None:
+            raise ValueError("With pixel_values, pass input_ids (BOS first), not inputs_embeds.")
+        if input_ids.shape[1] < 2:
+            raise ValueError(f"input_ids must hold BOS plus text, got shape {tuple(input_ids.shape)}.")
+        featurizer_dtype = self.vision_backbone.featurizer.patch_embed.proj.weight.dtype
+        projected = self.projector(self.vision_backbone(pixel_values.to(featurizer_dtype)))
+        embeddings = self.get_input_embeddings()(input_ids)
+        projected = projected.to(embeddings.dtype)
+        batch, patches = projected.shape[:2]
+        fused = torch.cat([embeddings[:, :1], projected, embeddings[:, 1:]], dim=1)
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(batch, patches)
+            attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        if labels is not None:
+            ignore = labels.new_full((batch, patches), IGNORE_INDEX)
+            labels = torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)
+        return fused, attention_mask, labels, projected
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -214,43 +252,35 @@ class PrismaticForConditionalGeneration(PrismaticPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_projector_features: bool | None = None,
         return_dict: bool | None = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> PrismaticCausalLMOutputWithPast | tuple:
         """`input_ids [B, T]` (BOS first), `pixel_values [B, 3k, S, S]` -> logits `[B, T + P, V]`.
 
-        Without `pixel_values`, or when decoding from a non-empty cache, the text goes to the language model as is.
+        The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (earlier), not both. Without
+        `pixel_values`, or when decoding from a non-empty cache, the text goes to the language model as is.
         """
+        if cache is not None and past_key_values is not None:
+            raise ValueError("Pass the KV cache as cache= or as past_key_values=, not both.")
+        cache = cache if cache is not None else past_key_values
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        llm_kwargs = dict(past_key_values=past_key_values, use_cache=use_cache, output_attentions=output_attentions,
-                          output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+        optional = {self._llm_cache_argument: cache, "use_cache": use_cache, "output_attentions": output_attentions,
+                    "output_hidden_states": output_hidden_states}
+        llm_kwargs = {**{k: v for k, v in optional.items() if v is not None}, "return_dict": True, **kwargs}
         projected = None
-        if pixel_values is None or _cache_length(past_key_values) > 0:
+        if pixel_values is None or _cache_length(cache) > 0:
             output = self.language_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                          inputs_embeds=inputs_embeds, **llm_kwargs)
         else:
-            if input_ids is None or inputs_embeds is not None:
+            if inputs_embeds is not None:
                 raise ValueError("With pixel_values, pass input_ids (BOS first), not inputs_embeds.")
-            if input_ids.shape[1] < 2:
-                raise ValueError(f"input_ids must hold BOS plus text, got shape {tuple(input_ids.shape)}.")
-            featurizer_dtype = self.vision_backbone.featurizer.patch_embed.proj.weight.dtype
-            projected = self.projector(self.vision_backbone(pixel_values.to(featurizer_dtype)))
-            embeddings = self.get_input_embeddings()(input_ids)
-            projected = projected.to(embeddings.dtype)
-            batch, patches = projected.shape[:2]
-            fused = torch.cat([embeddings[:, :1], projected, embeddings[:, 1:]], dim=1)
-            if attention_mask is not None:
-                ones = attention_mask.new_ones(batch, patches)
-                attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
-            if labels is not None:
-                ignore = labels.new_full((batch, patches), IGNORE_INDEX)
-                labels = torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)
+            fused, attention_mask, labels, projected = self._splice_patches(input_ids, pixel_values, attention_mask,
+                                                                            labels)
             output = self.language_model(input_ids=None, inputs_embeds=fused, attention_mask=attention_mask,
                                          labels=labels, **llm_kwargs)
-        result = PrismaticCausalLMOutputWithPast(
-            loss=output.loss, logits=output.logits, past_key_values=output.past_key_values,
-            hidden_states=output.hidden_states, attentions=output.attentions,
-            projector_features=projected if (output_projector_features or self.config.output_projector_states)
-            else None)
+        keep = output_projector_features or self.config.output_projector_states
+        result = PrismaticCausalLMOutputWithPast(**{name: getattr(output, name, None) for name in _LLM_OUTPUT_FIELDS},
+                                                 projector_features=projected if keep else None)
         return result if return_dict else result.to_tuple()
 
 
@@ -319,8 +349,8 @@ class OpenVLAForActionPrediction(PrismaticForConditionalGeneration):
                           device=input_ids.device)
         for _ in range(num_tokens - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            output = self(input_ids=generated[-1][:, None], attention_mask=mask,
-                          past_key_values=output.past_key_values, use_cache=True)
+            output = self(input_ids=generated[-1][:, None], attention_mask=mask, cache=getattr(output, _CACHE_FIELD),
+                          use_cache=True)
             generated.append(output.logits[:, -1].argmax(dim=-1))
         return torch.stack(generated, dim=1)
 
@@ -342,9 +372,12 @@ class OpenVLAForActionPrediction(PrismaticForConditionalGeneration):
         """Greedy action prediction: `input_ids [B, T]` + `pixel_values [B, 3k, S, S]` (from the processor) ->
         actions `[A]` for one prompt or `[B, A]` for a batch (float64, robot units of dataset `unnorm_key`).
 
-        Batches need unpadded prompts of equal length. Generation arguments other than greedy ones are rejected.
+        Batches need unpadded prompts of equal length. Generation arguments other than greedy ones are rejected;
+        `token_type_ids` (what a transformers 4.x tokenizer may add) is ignored.
         """
         pixel_values, attention_mask = kwargs.pop("pixel_values", None), kwargs.pop("attention_mask", None)
+        for name in _IGNORED_INPUTS:
+            kwargs.pop(name, None)
         if input_ids is None or pixel_values is None:
             raise ValueError("predict_action needs input_ids and pixel_values (e.g. **processor(prompt, image)).")
         unsupported = sorted(set(kwargs) - set(_GREEDY_KWARGS))

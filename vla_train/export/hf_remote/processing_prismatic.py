@@ -124,7 +124,8 @@ class PrismaticImageProcessor(ImageProcessingMixin):
 
 
 class PrismaticProcessor(ProcessorMixin):
-    """`processor(prompt, image)` -> `input_ids [B, T]`, `attention_mask [B, T]`, `pixel_values [B, 3k, S, S]`."""
+    """`processor(prompt, image)` -> `input_ids [B, T]`, `attention_mask [B, T]`, `pixel_values [B, 3k, S, S]` (never
+    `token_type_ids`, which transformers 4.x's fast tokenizer adds by default and `predict_action` does not take)."""
 
     if _LEGACY_PROCESSOR:  # transformers 4.x reads the sub-processors from these class attributes
         attributes = ["image_processor", "tokenizer"]
@@ -139,7 +140,7 @@ class PrismaticProcessor(ProcessorMixin):
         """Tokenize `text` (BOS added when the tokenizer adds it) and transform `images` (one per prompt)."""
         pixel_values = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
         text_inputs = self.tokenizer(text, return_tensors=return_tensors, padding=padding, truncation=truncation,
-                                     max_length=max_length)
+                                     max_length=max_length, return_token_type_ids=False)
         prompts = 1 if isinstance(text, str) else len(text)
         if pixel_values.shape[0] != prompts:
             raise ValueError(f"Got {pixel_values.shape[0]} images for {prompts} prompts; pass one image per prompt.")
