@@ -3,23 +3,46 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements.lock
+LOCK_TOOLS := .venv-lock-tools
+PIP_TOOLS_VERSION := 7.6.2
 
-.PHONY: help install test test-fast demo lint format clean
+.PHONY: help install lock check-export-compat test test-fast demo lint format clean
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make install  - create $(VENV) and install vla-train (editable) with test extras"
+	@echo "make install  - create $(VENV) from $(LOCK) (hash-checked) and install vla-train (editable)"
+	@echo "make lock     - re-resolve pyproject.toml (with test extras) into $(LOCK)"
 	@echo "make demo     - run the embedded end-to-end demo on CPU"
 	@echo "make test     - run the whole test suite"
 	@echo "make lint     - ruff"
+	@echo "make check-export-compat - exports load and predict identically under OpenVLA's transformers 4.40.1"
 
-$(STAMP): pyproject.toml
+# Installs exactly the locked set (hash-checked), then the package itself without resolving anything.
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade --quiet pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolves the newest versions pyproject.toml allows. Run `make test` from a fresh clone before committing.
+lock:
+	test -x $(LOCK_TOOLS)/bin/pip-compile || ( $(PYTHON) -m venv $(LOCK_TOOLS) && \
+		$(LOCK_TOOLS)/bin/pip install --quiet pip-tools==$(PIP_TOOLS_VERSION) )
+	$(LOCK_TOOLS)/bin/pip-compile --quiet --extra test --generate-hashes --strip-extras --allow-unsafe \
+		--output-file $(LOCK) pyproject.toml
+
+# OpenVLA's own stack (its minimum pins) in a separate venv: exported models must load and predict there exactly as
+# natively. Not part of `make test` (it installs a second torch); the same check under the locked stack is.
+TF440_VENV := .venv-tf440
+check-export-compat: install
+	test -x $(TF440_VENV)/bin/python || ( $(PYTHON) -m venv $(TF440_VENV) && $(TF440_VENV)/bin/pip install --quiet \
+		transformers==4.40.1 tokenizers==0.19.1 timm==0.9.10 torch==2.14.1 torchvision==0.29.1 )
+	$(PY) vla-scripts/check_export_compat.py --python $(TF440_VENV)/bin/python
 
 test: install
 	$(PY) -m pytest tests
