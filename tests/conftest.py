@@ -1,5 +1,6 @@
 """Shared fixtures. `vla_train` is imported first: it fixes the torch/torchvision/timm-before-tensorflow order."""
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from vla_train.config.model import get_model_config
+from vla_train.log import LOGGER_NAME, logger
 from vla_train.models.build import build_vlm
 
 TINY_MODEL_IDS = ("tiny-siglip+tiny-llama", "tiny-dinosiglip+tiny-llama", "tiny-dinosiglip+tiny-qwen25")
@@ -26,6 +28,15 @@ NORM_STATS = {
         }
     }
 }
+
+
+@pytest.fixture
+def log_records(caplog):
+    """`caplog` for the project logger (which stops propagating to the root logger once set up), from INFO up."""
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from vla_train.data.rlds import find_dataset_dir
 from vla_train.data.standardize import STANDARDIZE_TRANSFORMS
 from vla_train.data.statistics import LABEL_KEYS, statistics_fingerprint
 from vla_train.data.tf_setup import tf
-from vla_train.log import logger
 
 READS_MISSING = "__reads_a_missing_key__"
 
@@ -60,14 +59,6 @@ def no_statistics(monkeypatch):
         raise AssertionError("statistics were read or computed before the checks")
 
     monkeypatch.setattr(interleave, "load_or_compute_statistics", fail)
-
-
-@pytest.fixture
-def log_records(caplog):
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="vla_train")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 # --- keys: camera / state keys of the YAML entry and keys the standardization transform reads ----------------------

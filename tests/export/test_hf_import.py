@@ -261,8 +261,24 @@ def test_import_errors_name_the_problem(tiny_export, tmp_path):
     import_hf(hf_dir, tmp_path / "ok", overwrite=True)
 
 
-def test_import_script_output_fine_tunes_with_train_py(tiny_export, tmp_path):
+def _fine_tune_one_step(checkpoint: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`vla-scripts/train.py` (one process) for one step from `checkpoint` with `--is_resume false`, on demo data;
+    the run lands in `tmp_path / "runs"`."""
     from vla_train.data.demo import write_demo_datasets
+
+    data = tmp_path / "data"
+    write_demo_datasets(data, num_episodes=4, episode_length=6, image_size=64, seed=0, val_fraction=0.25)
+    command = [sys.executable, "vla-scripts/train.py", "--vla.type", "tiny-test", "--data_root_dir", str(data),
+               "--run_root_dir", str(tmp_path / "runs"), "--trackers", "[jsonl]", "--vla.expected_world_size", "1",
+               "--vla.max_steps", "1", "--vla.shuffle_buffer_size", "8", "--pretrained_checkpoint", str(checkpoint),
+               "--is_resume", "false"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def test_import_script_output_fine_tunes_with_train_py(tiny_export, tmp_path):
 
     _, hf_dir = tiny_export
     imported = tmp_path / "imported"
@@ -272,15 +288,8 @@ def test_import_script_output_fine_tunes_with_train_py(tiny_export, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--is_resume false" in result.stderr
 
-    data = tmp_path / "data"
-    write_demo_datasets(data, num_episodes=4, episode_length=6, image_size=64, seed=0, val_fraction=0.25)
     checkpoint = imported / "checkpoints" / CHECKPOINT
-    command = [sys.executable, "vla-scripts/train.py", "--vla.type", "tiny-test", "--data_root_dir", str(data),
-               "--run_root_dir", str(tmp_path / "runs"), "--trackers", "[jsonl]", "--vla.expected_world_size", "1",
-               "--vla.max_steps", "1", "--vla.shuffle_buffer_size", "8", "--pretrained_checkpoint", str(checkpoint),
-               "--is_resume", "false"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    result = _fine_tune_one_step(checkpoint, tmp_path)
     assert f"from {checkpoint}" in result.stderr  # the model came from the imported weights
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "checkpoints" / "latest-checkpoint.pt").is_file()
@@ -289,20 +298,11 @@ def test_import_script_output_fine_tunes_with_train_py(tiny_export, tmp_path):
 def test_an_imported_unregistered_model_fine_tunes_and_exports_its_architecture(tmp_path):
     """The imported base of a vision/LLM combination outside the registry is a run-directory config that training
     records (it used to fail with "Cannot find choice name for ModelConfig") and a later export reads back."""
-    from vla_train.data.demo import write_demo_datasets
 
     run_dir = make_run_dir(OFF_REGISTRY["unregistered-combination"], tmp_path / "run")
     hf_dir = export_hf(run_dir, tmp_path / "hf")
     checkpoint = import_hf(hf_dir, tmp_path / "imported")
-    data = tmp_path / "data"
-    write_demo_datasets(data, num_episodes=4, episode_length=6, image_size=64, seed=0, val_fraction=0.25)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"}
-    command = [sys.executable, "vla-scripts/train.py", "--vla.type", "tiny-test", "--data_root_dir", str(data),
-               "--run_root_dir", str(tmp_path / "runs"), "--trackers", "[jsonl]", "--vla.expected_world_size", "1",
-               "--vla.max_steps", "1", "--vla.shuffle_buffer_size", "8", "--pretrained_checkpoint", str(checkpoint),
-               "--is_resume", "false"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    _fine_tune_one_step(checkpoint, tmp_path)
     (fine_tuned,) = (tmp_path / "runs").iterdir()
     model_cfg = read_model_config(fine_tuned)
     assert model_cfg == read_model_config(tmp_path / "imported") and model_cfg.model_id == "my-siglip+qwen"

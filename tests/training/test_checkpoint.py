@@ -19,7 +19,6 @@ import torch.multiprocessing as mp
 
 from tests.conftest import build_tiny
 from vla_train.config.model import get_model_config
-from vla_train.log import logger
 from vla_train.models.run_dir import load_run_dir, model_state_dicts, save_base_vlm
 from vla_train.training import checkpoint as checkpoint_module
 from vla_train.training.checkpoint import CheckpointManager, CorruptCheckpointError
@@ -326,7 +325,7 @@ def test_a_kill_during_the_commit_never_leaves_a_checkpoint_without_its_pt(tmp_p
 
 
 @pytest.mark.parametrize("damaged", ["shard", "rank_file", "consolidated"])
-def test_resume_auto_falls_back_from_a_damaged_newest_checkpoint(tmp_path, damaged, caplog):
+def test_resume_auto_falls_back_from_a_damaged_newest_checkpoint(tmp_path, damaged, log_records):
     vlm = build_tiny(MODEL_ID)
     optimizer, scheduler = _optimizer_and_scheduler(vlm)
     manager = CheckpointManager(tmp_path)
@@ -341,12 +340,8 @@ def test_resume_auto_falls_back_from_a_damaged_newest_checkpoint(tmp_path, damag
         file.truncate(bad.stat().st_size // 2)
     with pytest.raises(CorruptCheckpointError, match=f"{bad.name}.* has {bad.stat().st_size} bytes"):
         CheckpointManager.verify(newest)
-    logger.addHandler(caplog.handler)  # the project logger does not propagate once set up
-    try:
-        assert manager.latest_verified() == first
-    finally:
-        logger.removeHandler(caplog.handler)
-    assert bad.name in caplog.text and "Falling back" in caplog.text
+    assert manager.latest_verified() == first
+    assert bad.name in log_records.text and "Falling back" in log_records.text
     bad.unlink()
     with pytest.raises(CorruptCheckpointError, match=f"{bad.name} is missing"):
         CheckpointManager.verify(newest)

@@ -10,16 +10,7 @@ from tests.data.rlds_fixtures import make_episodes, write_registry, write_rlds
 from vla_train.data.interleave import PipelineConfig, plan_mixture
 from vla_train.data.registry import load_registry
 from vla_train.data.torch_dataset import RLDSDataset
-from vla_train.log import logger
 from vla_train.training.evaluate import evaluate_held_out
-
-
-@pytest.fixture
-def log_records(caplog):
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="vla_train")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def _session(root, name: str, world_size: int) -> SimpleNamespace:

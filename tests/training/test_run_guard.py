@@ -17,7 +17,6 @@ from tests.conftest import build_tiny
 from vla_train.config.model import get_model_config, model_config_section
 from vla_train.config.train import TrainConfig, write_run_configs
 from vla_train.config.vla import TinyTest
-from vla_train.log import logger
 from vla_train.models.run_dir import read_model_config, save_base_vlm
 from vla_train.training.checkpoint import CheckpointManager
 from vla_train.training.distributed import DistributedContext
@@ -64,15 +63,11 @@ def test_the_lock_records_its_owner_and_refuses_a_second_job(tmp_path):
 
 
 @pytest.mark.parametrize("owner", [{"pid": "dead"}, {"started": 0.0}], ids=["dead pid", "reused pid"])
-def test_a_stale_lock_on_this_host_is_taken_over_with_a_warning(tmp_path, owner, caplog):
+def test_a_stale_lock_on_this_host_is_taken_over_with_a_warning(tmp_path, owner, log_records):
     owner = {**owner, "pid": _dead_pid()} if owner.get("pid") == "dead" else owner
     _write_lock(tmp_path / "run", **owner)
-    logger.addHandler(caplog.handler)
-    try:
-        lock = acquire_run_lock(tmp_path / "run")
-    finally:
-        logger.removeHandler(caplog.handler)
-    assert "Taking over the stale lock" in caplog.text and json.loads(lock.path.read_text())["pid"] == os.getpid()
+    lock = acquire_run_lock(tmp_path / "run")
+    assert "Taking over the stale lock" in log_records.text and json.loads(lock.path.read_text())["pid"] == os.getpid()
 
 
 def test_a_lock_from_another_host_is_refused_with_the_way_out(tmp_path):
@@ -116,17 +111,14 @@ def test_a_failed_check_leaves_no_new_run_directory(tmp_path):
     assert not (tmp_path / "new-run").exists()
 
 
-def test_overwrite_deletes_the_earlier_run_after_the_checks_and_says_so(tmp_path, caplog):
+def test_overwrite_deletes_the_earlier_run_after_the_checks_and_says_so(tmp_path, log_records):
     cfg = tiny(tmp_path, overwrite=True)
     run_dir = tmp_path / "run"
     _earlier_run(cfg, run_dir)
     (run_dir / "tiny-test+n0+b2+x7.jsonl").write_text("{}\n")
-    logger.addHandler(caplog.handler)
-    try:
-        plan = prepare_run_dir(cfg, CTX, run_dir)
-    finally:
-        logger.removeHandler(caplog.handler)
-    assert "--overwrite true: deleting the earlier run" in caplog.text and "checkpoints/step-000002" in caplog.text
+    plan = prepare_run_dir(cfg, CTX, run_dir)
+    assert "--overwrite true: deleting the earlier run" in log_records.text
+    assert "checkpoints/step-000002" in log_records.text
     assert [p.name for p in run_dir.iterdir()] == [LOCK_NAME] and plan.resume_from is None
     plan.release()
     with pytest.raises(RunDirectoryError, match="cannot be combined with a resume"):
