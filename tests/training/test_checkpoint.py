@@ -475,6 +475,6 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_and_cleans_up(tmp_path)
     mp.spawn(_failing_save_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
     outcomes = [(tmp_path / f"outcome-{rank}.txt").read_text() for rank in range(2)]
     assert outcomes[1].startswith("OSError") and "No space left" in outcomes[1]
-    assert outcomes[0].startswith("RuntimeError") and "another rank failed while writing" in outcomes[0]
+    assert outcomes[0].startswith("RuntimeError") and "Another rank failed while writing checkpoint" in outcomes[0]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert list(checkpoints.iterdir()) == []  # no temporary directory, nothing committed

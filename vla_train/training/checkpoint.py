@@ -19,7 +19,6 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ from vla_train.training.checkpoint_io import (
     split_module_state,
     to_blob,
 )
-from vla_train.training.distributed import all_ranks_agree, barrier
+from vla_train.training.distributed import barrier, run_on_every_rank
 
 
 def _rank_and_world_size() -> tuple[int, int]:
@@ -73,20 +72,6 @@ def _from_rank0(obj: Any) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-def _on_every_rank(work: Callable[[], Any], what: str, tmp: Path) -> None:
-    """Run this rank's part of a save step, then agree with the other ranks (collective): a failure on any rank
-    raises on every rank instead of leaving the others waiting in the next collective."""
-    failure: BaseException | None = None
-    try:
-        work()
-    except Exception as error:  # re-raised below, after the other ranks know
-        failure = error
-    if not all_ranks_agree(failure is None):
-        if failure is not None:
-            raise failure
-        raise RuntimeError(f"Saving {tmp.name}: another rank failed while {what} (see its log); nothing was committed.")
 
 
 def _dcp(fn: Any, state: dict[str, Any], path: Path) -> None:
@@ -167,14 +152,17 @@ class CheckpointManager:
         step, epoch, loss = shared.pop("step"), shared.pop("epoch"), shared.pop("loss")
         name = checkpoint_name(step, epoch, loss)
         final, tmp = self.checkpoint_dir / name, self.checkpoint_dir / f".{name}.tmp"
+        marker = {"version": FORMAT_VERSION, "name": name, "step": step, "epoch": epoch, "loss": loss,
+                  "world_size": world_size, "has_optimizer": optimizer is not None}
+        steps = [("preparing", lambda: self._make_temporary(tmp) if rank == 0 else None),
+                 ("writing", lambda: self._write_shards(tmp, model, optimizer, shared, data_state)),
+                 ("consolidating", lambda: self._save_consolidated(model, tmp, rank) if self.save_consolidated
+                  else None),
+                 ("committing", lambda: self._commit(tmp, final, {**marker, "saved_at": time.time()}) if rank == 0
+                  else None)]
         try:
-            _on_every_rank(lambda: self._make_temporary(tmp) if rank == 0 else None, "preparing", tmp)
-            _on_every_rank(lambda: self._write_shards(tmp, model, optimizer, shared, data_state), "writing", tmp)
-            if self.save_consolidated:
-                _on_every_rank(lambda: self._save_consolidated(model, tmp, rank), "consolidating", tmp)
-            marker = {"version": FORMAT_VERSION, "name": name, "step": step, "epoch": epoch, "loss": loss,
-                      "world_size": world_size, "has_optimizer": optimizer is not None, "saved_at": time.time()}
-            _on_every_rank(lambda: self._commit(tmp, final, marker) if rank == 0 else None, "committing", tmp)
+            for what, work in steps:
+                run_on_every_rank(work, f"{what} checkpoint {name} (nothing was committed)")
         except BaseException:
             if rank == 0:
                 remove_checkpoint_dir(tmp)

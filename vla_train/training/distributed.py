@@ -6,8 +6,10 @@ collectives, distributed checkpoints — is the same with and without torchrun (
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,6 +80,23 @@ def all_ranks_agree(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def run_on_every_rank(work: Callable[[], Any], what: str) -> Any:
+    """Run this rank's part of a step (`work`, possibly a no-op on some ranks), then agree with the other ranks
+    (collective): a failure on any rank raises on every rank (its own error there, a RuntimeError naming `what` on
+    the others) instead of leaving the others waiting in the next collective."""
+    failure: Exception | None = None
+    result = None
+    try:
+        result = work()
+    except Exception as error:  # re-raised below, once the other ranks know
+        failure = error
+    if not all_ranks_agree(failure is None):
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"Another rank failed while {what}; see its log.")
+    return result
 
 
 def barrier() -> None:

@@ -212,15 +212,15 @@ def prepare_run_dir(cfg: TrainConfig, ctx: DistributedContext, run_dir: Path) ->
     decision: Any
     if ctx.is_main:
         created = not run_dir.exists()
-        try:
+        try:  # any error is broadcast: the other ranks wait for rank 0's decision
             lock = acquire_run_lock(run_dir)
-        except RunDirectoryError as error:
+        except Exception as error:
             decision = error
         else:
             plan = RunPlan(run_dir, None, {}, lock, created)
             try:
                 decision = _decide(cfg, run_dir, ctx.world_size)
-            except (ValueError, FileNotFoundError) as error:
+            except Exception as error:
                 decision = error
     decision = _broadcast_decision(decision if ctx.is_main else None)
     if isinstance(decision, BaseException):

@@ -22,7 +22,7 @@ from vla_train.models.freezing import freeze_backbones
 from vla_train.models.run_dir import load_base_vlm, load_run_dir
 from vla_train.models.vlm import PrismaticVLM
 from vla_train.training.checkpoint import CheckpointManager
-from vla_train.training.distributed import DistributedContext, barrier, init_distributed
+from vla_train.training.distributed import DistributedContext, barrier, init_distributed, run_on_every_rank
 from vla_train.training.optim import build_lr_scheduler, build_optimizer, num_training_steps, record_parameter_shapes
 from vla_train.training.parallelize import parallelize_vlm
 from vla_train.training.run_guard import RunPlan, prepare_run_dir, write_run_files
@@ -105,9 +105,9 @@ def _build(cfg: TrainConfig, ctx: DistributedContext, run_id: str, plan: RunPlan
     tokenizer = vlm.llm_backbone.get_tokenizer()
     action_tokenizer = ActionTokenizer(tokenizer, vocab_end=vlm.llm_backbone.action_vocab_end)
     dataset = build_dataset(cfg, ctx, vlm, action_tokenizer)
-    if ctx.is_main:  # rank-0-only side effects: the run directory's config and statistics files
-        write_run_files(cfg, plan, dataset.dataset_statistics)
-    barrier()
+    # rank-0-only side effect: the run directory's config and statistics files (a failure raises on every rank)
+    run_on_every_rank(lambda: write_run_files(cfg, plan, dataset.dataset_statistics) if ctx.is_main else None,
+                      f"writing the run files of {plan.run_dir}")
 
     collator = PaddedCollatorForActionPrediction(tokenizer.model_max_length, tokenizer.pad_token_id)
     loader = DataLoader(dataset, batch_size=cfg.vla.per_device_batch_size, collate_fn=collator, num_workers=0)
