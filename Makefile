@@ -54,7 +54,7 @@ demo: install
 	test -f $(DEMO_BASE)/checkpoints/latest-checkpoint.pt || \
 		$(PY) vla-scripts/make_base_vlm.py --model.type tiny-dinosiglip+tiny-llama --run_dir $(DEMO_BASE)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 vla-scripts/train.py --vla.type tiny-demo \
-		--data_root_dir runs/demo_data --run_root_dir runs --trackers '[jsonl]'
+		--data_root_dir runs/demo_data --run_root_dir runs --trackers '[jsonl]' --overwrite true
 
 lint: install
 	$(VENV)/bin/ruff check .
