@@ -55,8 +55,10 @@ def write_rlds(
     image_size: int = 16,
     action_dim: int = 7,
     version: str = "1.0.0",
+    num_shards: int | None = None,
 ) -> Path:
-    """Write `<root>/<name>/<version>/` with the given episodes per split; returns that directory."""
+    """Write `<root>/<name>/<version>/` with the given episodes per split (in `num_shards` record files per split;
+    None: tfds decides, one for these sizes); returns that directory."""
 
     class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version(version)
@@ -110,7 +112,8 @@ def write_rlds(
     Builder.name = name
     builder = Builder(data_dir=str(root))
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(download_mode=tfds.GenerateMode.REUSE_DATASET_IF_EXISTS)
+        download_config=tfds.download.DownloadConfig(download_mode=tfds.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                                                     num_shards=num_shards)
     )
     return Path(root) / name / version
 

@@ -7,10 +7,19 @@ import tensorflow_datasets as tfds
 
 from tests.data.rlds_fixtures import make_episodes, write_registry, write_rlds
 from vla_train.data import statistics as stats_module
+from vla_train.data import statistics_cache as cache_module
 from vla_train.data.interleave import PipelineConfig, plan_mixture
 from vla_train.data.normalize import normalize_np, normalize_tf
 from vla_train.data.registry import load_registry
-from vla_train.data.statistics import compute_statistics, save_dataset_statistics
+from vla_train.data.statistics import (
+    StatisticsParts,
+    compute_statistics,
+    finalize_statistics,
+    merge_parts,
+    save_dataset_statistics,
+    summarize,
+)
+from vla_train.data.statistics_cache import StatisticsTimeoutError
 from vla_train.data.tf_setup import tf
 
 
@@ -53,21 +62,40 @@ def test_statistics_are_cached_by_content_not_path(tmp_path, fixture_registry, m
         raise AssertionError("statistics were recomputed after moving the dataset")
 
     monkeypatch.setattr(stats_module, "compute_statistics", no_recompute)
-    monkeypatch.setattr("vla_train.data.interleave.compute_statistics", no_recompute)
+    monkeypatch.setattr("vla_train.data.interleave.read_statistics_parts", no_recompute)
     moved = PipelineConfig(data_root_dir=tmp_path / "moved", data_mix="ds_a", resize_resolution=(8, 8))
     assert plan_mixture(moved, registry).statistics["ds_a"]["action"]["mean"] == first["action"]["mean"]
 
 
-def test_only_the_main_process_computes(tmp_path, fixture_registry):
+def test_only_the_main_process_computes(tmp_path, fixture_registry, monkeypatch):
     write_rlds(tmp_path / "data", "ds_a", {"train": make_episodes(3, 4, seed=6)})
-    cfg = _config(tmp_path, "ds_a")
-    calls = []
-    with pytest.raises(RuntimeError, match="not written by the main process"):
-        plan_mixture(cfg, fixture_registry, is_main_process=False, barrier=lambda: calls.append("barrier"))
-    assert calls == ["barrier"]
-    main = plan_mixture(cfg, fixture_registry, is_main_process=True, barrier=lambda: None)
-    worker = plan_mixture(cfg, fixture_registry, is_main_process=False, barrier=lambda: None)
+    cfg = _config(tmp_path, "ds_a", statistics_timeout_s=0.2)
+    monkeypatch.setattr(cache_module, "POLL_S", 0.05)
+    with pytest.raises(StatisticsTimeoutError, match="main process did not write them"):  # nobody computes
+        plan_mixture(cfg, fixture_registry, is_main_process=False)
+    main = plan_mixture(cfg, fixture_registry, is_main_process=True)
+    worker = plan_mixture(cfg, fixture_registry, is_main_process=False)
     assert worker.statistics == main.statistics
+
+
+def test_summarize_does_not_depend_on_the_order_of_the_values():
+    values = np.random.default_rng(3).normal(size=(1001, 3)).astype(np.float32) * 1e3
+    shuffled = values[np.random.default_rng(4).permutation(len(values))]
+    assert summarize(values) == summarize(shuffled)  # bit-identical: merged parallel parts equal a single pass
+    for key, value in _expected(values.astype(np.float64)).items():
+        np.testing.assert_allclose(summarize(values)[key], value, rtol=1e-12, err_msg=key)
+
+
+def test_parts_merge_exactly():
+    episodes = make_episodes(6, 5, seed=11)
+    trajectories = [{"action": e["steps"]["action"], "proprio": e["steps"]["observation"]["state"],
+                     "labeled": np.arange(5) < i} for i, e in enumerate(episodes)]
+    whole = compute_statistics(trajectories, "x")
+    parts = [StatisticsParts(), StatisticsParts()]
+    for i, trajectory in enumerate(trajectories):
+        parts[i % 2].add(trajectory)
+    assert finalize_statistics(merge_parts(reversed(parts)), "x") == whole
+    assert (whole["num_labeled_transitions"], whole["num_labeled_trajectories"]) == (15, 5)
 
 
 def test_nonfinite_actions_fail_with_a_count_or_are_dropped(tmp_path, fixture_registry):

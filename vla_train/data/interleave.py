@@ -10,7 +10,8 @@ those and of the position, which is what exact resume uses (`skip_frames`).
 
 `plan_mixture` raises every data error it can know of from the files (`vla_train/data/checks.py`: missing datasets,
 keys the YAML entry or the transform needs that the features lack, a training split without instructions) before any
-stream is built or any run directory is written.
+stream is built or any run directory is written. Statistics: `statistics.py` (what), `statistics_cache.py` (where, and
+how ranks wait), `compute_statistics.py` (ahead of training, in parallel).
 """
 
 import os
@@ -28,13 +29,9 @@ from vla_train.data.registry import DatasetSpec, Registry, load_registry
 from vla_train.data.rlds import Restructure, held_out_episodes, open_builder, read_trajectories, split_for
 from vla_train.data.shuffle import ProgressiveShuffleBuffer
 from vla_train.data.standardize import get_frame_filter
-from vla_train.data.statistics import (
-    LABEL_KEYS,
-    compute_statistics,
-    load_or_compute_statistics,
-    statistics_fingerprint,
-    without_label_counts,
-)
+from vla_train.data.statistics import LABEL_KEYS, finalize_statistics, without_label_counts
+from vla_train.data.statistics_cache import StatisticsCache, load_or_compute_statistics
+from vla_train.data.statistics_source import find_corrupt_files, read_statistics_parts, statistics_key  # noqa: F401
 from vla_train.data.tf_setup import tf
 from vla_train.log import logger
 
@@ -70,6 +67,15 @@ class PipelineConfig:
     traj_transform_threads: int | None = None  # total across datasets; None = autotune
     traj_read_threads: int | None = None
     threads: int | None = None  # tf.data private thread pool size; None = 2 x this rank's share of the cores
+    local_world_size: int | None = None  # processes on this node; None = $LOCAL_WORLD_SIZE, else world_size
+    statistics_cache_dir: Path | None = None  # None: next to each dataset (must be shared by every node)
+    statistics_timeout_s: float = 6 * 3600.0  # how long the other ranks wait for rank 0's statistics
+
+    @property
+    def multi_node(self) -> bool:
+        """Whether the run spans several nodes (then a node-local statistics cache is refused)."""
+        local = self.local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)))
+        return self.world_size > local
 
 
 @dataclass
@@ -136,57 +142,32 @@ def _rank_seed(cfg: PipelineConfig, *salt: int) -> int:
     return int(np.random.SeedSequence([cfg.seed, cfg.rank, cfg.world_size, *salt]).generate_state(1, np.uint32)[0])
 
 
-def _statistics_source(builder, spec: DatasetSpec, split: str, dataset_dir: Path, drop_nonfinite: bool):
-    restructure = Restructure(spec, camera_views=(), load_proprio=True)
+def _dataset_statistics(cfg: PipelineConfig, spec: DatasetSpec, builder, dataset_dir: Path,
+                        is_main_process: bool) -> dict[str, Any]:
+    """One dataset's statistics (reference layout, with the action mask); refuses a split without instructions."""
+    split, fingerprint = statistics_key(builder, spec, dataset_dir, cfg.drop_nonfinite)
+    cache = StatisticsCache(spec.name, dataset_dir, fingerprint, cfg.statistics_cache_dir, cfg.multi_node,
+                            required=LABEL_KEYS)
 
     def compute() -> dict[str, Any]:
-        trajectories = read_trajectories(builder, split, shuffle_files=False, seed=0).map(restructure).map(
-            lambda t: {"action": t["action"], "proprio": t["observation"]["proprio"],
-                       "labeled": tf.strings.length(t["task"]["language_instruction"]) > 0})
-        if drop_nonfinite:
-            trajectories = trajectories.filter(
-                lambda t: tf.reduce_all(tf.math.is_finite(t["action"])))
-        try:
-            return compute_statistics(trajectories.as_numpy_iterator(), spec.name)
-        except tf.errors.DataLossError as error:
-            raise ValueError(f"Dataset {spec.name!r} at {dataset_dir} has a corrupt file: "
-                             f"{find_corrupt_files(dataset_dir)} ({error.message.splitlines()[0]}).") from error
+        return finalize_statistics(read_statistics_parts(builder, spec, split, dataset_dir, cfg.drop_nonfinite),
+                                   spec.name)
 
-    return compute
-
-
-def find_corrupt_files(dataset_dir: Path) -> list[str]:
-    """The TFRecord files of a dataset directory that fail to read."""
-    corrupt = []
-    for path in sorted(dataset_dir.glob("*.tfrecord*")):
-        try:
-            for _ in tf.data.TFRecordDataset(str(path)):
-                pass
-        except tf.errors.DataLossError:
-            corrupt.append(str(path))
-    return corrupt
-
-
-def _dataset_statistics(cfg: PipelineConfig, spec: DatasetSpec, builder, dataset_dir: Path, is_main_process: bool,
-                        barrier) -> dict[str, Any]:
-    """One dataset's statistics (reference layout, with the action mask); refuses a split without instructions."""
-    split = split_for(builder, train=True)
-    fingerprint = statistics_fingerprint(dataset_dir, spec, split, extra=f"nonfinite={cfg.drop_nonfinite}")
-    stats = load_or_compute_statistics(
-        dataset_dir, fingerprint, _statistics_source(builder, spec, split, dataset_dir, cfg.drop_nonfinite),
-        is_main_process=is_main_process, barrier=barrier, required=LABEL_KEYS)
+    stats = load_or_compute_statistics(cache, compute, is_main_process=is_main_process,
+                                       timeout_s=cfg.statistics_timeout_s)
     if cfg.skip_unlabeled:
         check_labeled(spec, dataset_dir, split, stats)
     stats = without_label_counts(stats)
     return {**stats, "action": {**stats["action"], "mask": spec.action_normalization_mask}}
 
 
-def plan_mixture(cfg: PipelineConfig, registry: Registry | None = None, *, is_main_process: bool = True,
-                 barrier=None) -> MixturePlan:
+def plan_mixture(cfg: PipelineConfig, registry: Registry | None = None, *,
+                 is_main_process: bool = True) -> MixturePlan:
     """Resolve the mixture, check every dataset against its files, then load (or, on the main process, compute)
     every dataset's statistics. Raises every data error it can find before anything is streamed or written.
 
-    Collective when `barrier` is given (the statistics cache): call on every rank.
+    Call on every rank: the others poll for the main process's statistics cache (`statistics_cache.py`; no
+    collective), up to `cfg.statistics_timeout_s`, and raise its error if it fails.
     """
     registry = registry or load_registry(*cfg.registry_dirs)
     located = locate_datasets(registry.resolve_mixture(cfg.data_mix), cfg.data_root_dir, cfg.data_mix,
@@ -197,7 +178,7 @@ def plan_mixture(cfg: PipelineConfig, registry: Registry | None = None, *, is_ma
                                          seed=0).element_spec
         check_dataset_keys(spec, element_spec, dataset_dir)
     specs, dirs = [spec for spec, _, _ in located], [dataset_dir for _, _, dataset_dir in located]
-    statistics = {spec.name: _dataset_statistics(cfg, spec, builder, dataset_dir, is_main_process, barrier)
+    statistics = {spec.name: _dataset_statistics(cfg, spec, builder, dataset_dir, is_main_process)
                   for spec, builder, dataset_dir in zip(specs, builders, dirs, strict=True)}
     sizes = [int(statistics[spec.name]["num_transitions"]) for spec in specs]
     raw_weights = [weight for _, weight, _ in located]

@@ -5,34 +5,38 @@ Statistics (facts §7.3): per-dimension `mean`, `std` (population), `max`, `min`
 hashes the dataset's own metadata (`dataset_info.json`, `features.json`), the name, size and modification time of each
 record file (replaced data invalidates the cache), the split, the YAML entry and the standardization code — never the
 dataset's path, so moving a dataset (`mv` keeps sizes and times) keeps its cache. The cache also holds how many steps
-and trajectories carry a language instruction (`LABEL_KEYS`, checked while planning; not exported). Only the main
-process computes; the others wait on the caller's barrier and read the file.
+and trajectories carry a language instruction (`LABEL_KEYS`, checked while planning; not exported). Where the cache
+lives and how ranks wait for it: `statistics_cache.py`; computing it ahead of training, in parallel:
+`compute_statistics.py`.
 """
 
 import hashlib
 import inspect
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vla_train.data.registry import DatasetSpec
-from vla_train.log import logger
 
 STATS_FORMAT_VERSION = "vla-train-stats-2"  # 2: label counts, record files in the key
 STAT_KEYS = ("mean", "std", "max", "min", "q01", "q99")
 # steps / trajectories with a non-empty instruction: in the cache, not in the exported statistics
 LABEL_KEYS = ("num_labeled_transitions", "num_labeled_trajectories")
 RECORD_FILE_PATTERNS = ("*.tfrecord*", "*.array_record*", "*.riegeli*")
-USER_CACHE_DIR = Path(os.environ.get("VLA_TRAIN_CACHE", Path.home() / ".cache" / "vla_train"))
 
 
 def summarize(values: np.ndarray) -> dict[str, list[float]]:
-    """`[N, D]` -> the six per-dimension statistics (float64 computation, lists for JSON)."""
-    values = np.asarray(values, dtype=np.float64)
+    """`[N, D]` -> the six per-dimension statistics (float64 computation, lists for JSON).
+
+    Each column is sorted first, so the result does not depend on the order of the rows: statistics merged from
+    parallel readers (`vla-scripts/compute_statistics.py`) are bit-identical to a single pass over the split.
+    """
+    values = np.sort(np.asarray(values, dtype=np.float64), axis=0)
     return {
         "mean": values.mean(0).tolist(),
         "std": values.std(0).tolist(),
@@ -43,6 +47,59 @@ def summarize(values: np.ndarray) -> dict[str, list[float]]:
     }
 
 
+@dataclass
+class StatisticsParts:
+    """What a reader of part of a split collects: its float32 actions and proprio, trajectory and label counts.
+
+    Parts merge exactly (`merge_parts`): the quantiles need every value, so the values themselves are kept (float32,
+    as training holds them: ~4 bytes x (action + proprio dims) per step).
+    """
+
+    actions: list[np.ndarray] = field(default_factory=list)
+    proprios: list[np.ndarray] = field(default_factory=list)
+    num_trajectories: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def add(self, trajectory: dict[str, np.ndarray]) -> None:
+        """Add one trajectory (see `compute_statistics`)."""
+        self.actions.append(np.asarray(trajectory["action"], dtype=np.float32))
+        if "proprio" in trajectory:
+            self.proprios.append(np.asarray(trajectory["proprio"], dtype=np.float32))
+        if "labeled" in trajectory:
+            labeled = int(np.count_nonzero(trajectory["labeled"]))
+            self.labels[LABEL_KEYS[0]] = self.labels.get(LABEL_KEYS[0], 0) + labeled
+            self.labels[LABEL_KEYS[1]] = self.labels.get(LABEL_KEYS[1], 0) + int(labeled > 0)
+        self.num_trajectories += 1
+
+
+def merge_parts(parts: Iterable[StatisticsParts]) -> StatisticsParts:
+    """One `StatisticsParts` holding every value and count of `parts` (in any order: the statistics do not care)."""
+    merged = StatisticsParts()
+    for part in parts:
+        merged.actions.extend(part.actions)
+        merged.proprios.extend(part.proprios)
+        merged.num_trajectories += part.num_trajectories
+        for key, count in part.labels.items():
+            merged.labels[key] = merged.labels.get(key, 0) + count
+    return merged
+
+
+def finalize_statistics(parts: StatisticsParts, dataset_name: str = "") -> dict[str, Any]:
+    """The statistics of the collected values; raises on an empty split or non-finite values (with the count)."""
+    if not parts.num_trajectories:
+        raise ValueError(f"Dataset {dataset_name!r} has no trajectories in its training split.")
+    action = np.concatenate(parts.actions)
+    proprio = np.concatenate(parts.proprios) if parts.proprios else np.zeros_like(action)
+    for key, values in (("action", action), ("proprio", proprio)):
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise ValueError(f"Dataset {dataset_name!r}: {bad} non-finite (NaN/inf) {key} values in "
+                             f"{parts.num_trajectories} trajectories. Fix the data, or pass drop_nonfinite=True to "
+                             f"skip the trajectories that contain them.")
+    return {"action": summarize(action), "proprio": summarize(proprio), "num_transitions": int(action.shape[0]),
+            "num_trajectories": parts.num_trajectories, **parts.labels}
+
+
 def compute_statistics(trajectories: Iterable[dict[str, np.ndarray]], dataset_name: str = "") -> dict[str, Any]:
     """Statistics over trajectories `{"action": [T, A], "proprio": [T, P] (optional), "labeled": [T] bool (optional:
     which steps have a non-empty instruction; adds the `LABEL_KEYS` counts)}`.
@@ -50,29 +107,10 @@ def compute_statistics(trajectories: Iterable[dict[str, np.ndarray]], dataset_na
     Raises if any action or proprio value is NaN or infinite, with the count (drop such trajectories explicitly with
     the pipeline's `drop_nonfinite` option instead).
     """
-    actions, proprios, num_trajectories = [], [], 0
-    labels: dict[str, int] = {}
+    parts = StatisticsParts()
     for trajectory in trajectories:
-        actions.append(np.asarray(trajectory["action"], dtype=np.float32))
-        if "proprio" in trajectory:
-            proprios.append(np.asarray(trajectory["proprio"], dtype=np.float32))
-        if "labeled" in trajectory:
-            labeled = int(np.count_nonzero(trajectory["labeled"]))
-            labels[LABEL_KEYS[0]] = labels.get(LABEL_KEYS[0], 0) + labeled
-            labels[LABEL_KEYS[1]] = labels.get(LABEL_KEYS[1], 0) + int(labeled > 0)
-        num_trajectories += 1
-    if not actions:
-        raise ValueError(f"Dataset {dataset_name!r} has no trajectories in its training split.")
-    action = np.concatenate(actions)
-    proprio = np.concatenate(proprios) if proprios else np.zeros_like(action)
-    for key, values in (("action", action), ("proprio", proprio)):
-        bad = int((~np.isfinite(values)).sum())
-        if bad:
-            raise ValueError(f"Dataset {dataset_name!r}: {bad} non-finite (NaN/inf) {key} values in "
-                             f"{num_trajectories} trajectories. Fix the data, or pass drop_nonfinite=True to skip "
-                             f"the trajectories that contain them.")
-    return {"action": summarize(action), "proprio": summarize(proprio), "num_transitions": int(action.shape[0]),
-            "num_trajectories": num_trajectories, **labels}
+        parts.add(trajectory)
+    return finalize_statistics(parts, dataset_name)
 
 
 def without_label_counts(stats: dict[str, Any]) -> dict[str, Any]:
@@ -117,66 +155,18 @@ def _without_paths(text: str) -> str:
     return json.dumps(info, sort_keys=True)
 
 
-def _candidate_paths(dataset_dir: Path, fingerprint: str) -> list[Path]:
-    name = f"dataset_statistics_{fingerprint}.json"
-    return [dataset_dir / name, USER_CACHE_DIR / name]
-
-
-def _write_json_atomically(path: Path, content: dict[str, Any]) -> None:
+def write_json_atomically(path: Path, content: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(content, indent=2))
     os.replace(tmp, path)
 
 
-def load_or_compute_statistics(
-    dataset_dir: Path,
-    fingerprint: str,
-    compute: Callable[[], dict[str, Any]],
-    *,
-    is_main_process: bool = True,
-    barrier: Callable[[], None] | None = None,
-    required: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """Cached statistics, else the main process computes and caches them while the others wait at `barrier`.
-
-    A cache file that lacks a `required` key (written by an older version) is stale: it is recomputed and replaced.
-    Collective when `barrier` is given: call on every rank.
-    """
-    def cached() -> dict[str, Any] | None:
-        for path in _candidate_paths(dataset_dir, fingerprint):
-            if path.is_file():
-                content = json.loads(path.read_text())
-                missing = [key for key in required if key not in content]
-                if not missing:
-                    return content
-                logger.info("Statistics cache %s lacks %s (an older version wrote it); recomputing", path, missing)
-        return None
-
-    stats = cached()
-    if stats is None and is_main_process:
-        logger.info("Computing statistics of %s (training split; cached for later runs)", dataset_dir)
-        stats = compute()
-        for path in _candidate_paths(dataset_dir, fingerprint):
-            try:
-                _write_json_atomically(path, stats)
-                break
-            except OSError:
-                continue
-    if barrier is not None:
-        barrier()
-    if stats is None:
-        stats = cached()
-        if stats is None:
-            raise RuntimeError(f"Statistics for {dataset_dir} were not written by the main process.")
-    return stats
-
-
 def save_dataset_statistics(statistics: dict[str, dict[str, Any]], run_dir: str | Path) -> Path:
     """Write `run_dir/dataset_statistics.json` in the reference layout (with `mask`); returns the path."""
     path = Path(run_dir) / "dataset_statistics.json"
     content = {name: _json_ready(stats) for name, stats in statistics.items()}
-    _write_json_atomically(path, content)
+    write_json_atomically(path, content)
     return path
 
 

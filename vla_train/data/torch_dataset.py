@@ -54,14 +54,15 @@ class RLDSBatchTransform:
 class RLDSDataset(IterableDataset):
     """One rank's infinite (train) or single-pass (eval) stream of batch-transformed frames.
 
-    Statistics are resolved at construction (collective when `barrier` is given: call on every rank).
+    Statistics are resolved at construction: call on every rank (the others poll for the main process's statistics
+    cache file; no collective).
     """
 
     def __init__(self, cfg: PipelineConfig, batch_transform: RLDSBatchTransform | None = None, *,
-                 is_main_process: bool = True, barrier=None, plan: MixturePlan | None = None) -> None:
+                 is_main_process: bool = True, plan: MixturePlan | None = None) -> None:
         super().__init__()
         self.cfg, self.batch_transform = cfg, batch_transform
-        self.plan = plan or plan_mixture(cfg, is_main_process=is_main_process, barrier=barrier)
+        self.plan = plan or plan_mixture(cfg, is_main_process=is_main_process)
         self.frames_yielded = 0
         self._resume_from = 0
 
