@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import draccus
 import pytest
 
-from vla_train.config.vla import TinyTest, VLAConfig, get_vla_config
+from vla_train.config.vla import TRAIN_STRATEGIES, TinyTest, VLAConfig, get_vla_config, resolve_train_strategy
 
 # Facts §2.2, written out independently: vla_id -> (base_vlm, frz_vis, frz_llm, unfrz_last, data_mix, ews, gbs,
 # pdbs, stage).
@@ -48,6 +48,8 @@ def test_reference_entries_match_facts(vla_id):
     assert {name: getattr(cfg, name) for name in COMMON} == COMMON
     assert cfg.stage() == stage
     assert cfg.normalized_train_strategy() == "full-shard"
+    # on its 8-GPU nodes, as the reference ran it: hybrid sharding once the recipe spans several nodes
+    assert cfg.normalized_train_strategy(num_nodes=ews // 8) == ("hybrid-shard" if ews > 8 else "full-shard")
     assert cfg.grad_accumulation_steps(ews) == 1
     cfg.validate(ews)
 
@@ -82,11 +84,27 @@ def test_grad_accumulation():
         cfg.grad_accumulation_steps(3)
 
 
-def test_strategies_and_aliases():
-    for name, expected in [("full-shard", "full-shard"), ("fsdp-full-shard", "full-shard"),
-                           ("shard-grad-op", "shard-grad-op"), ("fsdp-shard-grad-op", "shard-grad-op"),
-                           ("hybrid-shard", "hybrid-shard")]:
-        assert dataclasses.replace(TinyTest(), train_strategy=name).normalized_train_strategy() == expected
+@pytest.mark.parametrize(("name", "one_node", "two_nodes"), [
+    ("full-shard", "full-shard", "full-shard"),
+    ("shard-grad-op", "shard-grad-op", "shard-grad-op"),
+    ("hybrid-shard", "hybrid-shard", "hybrid-shard"),
+    ("hybrid-shard-grad-op", "hybrid-shard-grad-op", "hybrid-shard-grad-op"),
+    # the reference's ids: the sharding the reference ran (hybrid; on one node that is full sharding)
+    ("fsdp-full-shard", "full-shard", "hybrid-shard"),
+    ("fsdp-shard-grad-op", "shard-grad-op", "hybrid-shard-grad-op"),
+])
+def test_strategies_and_aliases_resolve_per_node_count(name, one_node, two_nodes):
+    cfg = dataclasses.replace(TinyTest(), train_strategy=name)
+    assert cfg.normalized_train_strategy() == resolve_train_strategy(name, 1) == one_node
+    assert cfg.normalized_train_strategy(num_nodes=2) == resolve_train_strategy(name, 2) == two_nodes
+    assert resolve_train_strategy(name, 8) == two_nodes
+    assert {one_node, two_nodes} <= set(TRAIN_STRATEGIES)
+    cfg.validate(2)
+
+
+def test_node_count_must_be_positive():
+    with pytest.raises(ValueError, match=r"num_nodes = 0 must be positive"):
+        resolve_train_strategy("fsdp-full-shard", 0)
 
 
 @pytest.mark.parametrize("changes, world_size, message", [
@@ -109,7 +127,8 @@ def test_strategies_and_aliases():
     ({"warmup_ratio": 1.0}, 2, r"warmup_ratio = 1.0 is outside \[0, 1\)\. Fix"),
     ({"warmup_ratio": -0.1}, 2, r"warmup_ratio = -0.1 is outside \[0, 1\)"),
     ({"train_strategy": "ddp"}, 2, r"Unknown train_strategy 'ddp'\. Fix: pass --vla.train_strategy one of "
-                                   r"\['full-shard', 'shard-grad-op', 'hybrid-shard', 'fsdp-full-shard'"),
+                                   r"\['full-shard', 'shard-grad-op', 'hybrid-shard', 'hybrid-shard-grad-op', "
+                                   r"'fsdp-full-shard', 'fsdp-shard-grad-op'\]\."),
     ({"freeze_llm_backbone": True}, 2, r"freeze_llm_backbone=True needs unfreeze_last_llm_layer=True"),
     ({"unfreeze_last_llm_layer": True}, 2, r"unfreeze_last_llm_layer=True only makes sense"),
 ])

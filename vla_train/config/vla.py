@@ -6,10 +6,11 @@ Registered: the reference's 11 entries (facts §2.2, same ids and values) and tw
 Differences from the reference, all checked in `validate()` before any work:
 - gradient accumulation is supported (`gbs = pdbs * world_size * accumulation_steps`); the reference required
   `gbs == pdbs * world_size` for VLA training;
-- train strategies name the FSDP sharding they run. The reference's `fsdp-full-shard` actually ran *hybrid* sharding
-  (`HYBRID_SHARD`: full shard within a node, replicated across nodes) and `fsdp-shard-grad-op` ran
-  `_HYBRID_SHARD_ZERO2`. Here both names are accepted as aliases of `full-shard` and `shard-grad-op`, which shard
-  across all ranks; on one node the two are identical, and `hybrid-shard` reproduces the reference's multi-node runs.
+- train strategies name the FSDP sharding they run (`TRAIN_STRATEGIES`, the one list; `training/parallelize.py`
+  imports it). The reference's ids keep the reference's semantics (`resolve_train_strategy`): its `fsdp-full-shard`
+  ran *hybrid* sharding (`HYBRID_SHARD`: full shard within a node, replicated across nodes) and `fsdp-shard-grad-op`
+  ran `_HYBRID_SHARD_ZERO2`, so on several nodes they resolve to `hybrid-shard` / `hybrid-shard-grad-op`, and on one
+  node (where hybrid sharding is full sharding) to `full-shard` / `shard-grad-op`.
 """
 
 import math
@@ -22,9 +23,30 @@ LR_SCHEDULERS = ("constant", "linear-warmup+cosine-decay")
 TRAIN_STRATEGIES = {
     "full-shard": "ZeRO-3: parameters, gradients and optimizer state sharded across all ranks",
     "shard-grad-op": "ZeRO-2: gradients and optimizer state sharded; parameters stay unsharded after forward",
-    "hybrid-shard": "full shard within a node, replicated across nodes",
+    "hybrid-shard": "full shard within a node, replicated across nodes (2-D mesh: replicate x shard)",
+    "hybrid-shard-grad-op": "shard-grad-op within a node, replicated across nodes (2-D mesh: replicate x shard)",
 }
-TRAIN_STRATEGY_ALIASES = {"fsdp-full-shard": "full-shard", "fsdp-shard-grad-op": "shard-grad-op"}
+# The reference's ids -> (strategy on one node, strategy on several nodes): the sharding the reference ran.
+TRAIN_STRATEGY_ALIASES = {
+    "fsdp-full-shard": ("full-shard", "hybrid-shard"),
+    "fsdp-shard-grad-op": ("shard-grad-op", "hybrid-shard-grad-op"),
+}
+HYBRID_STRATEGIES = ("hybrid-shard", "hybrid-shard-grad-op")  # 2-D device mesh (replicate across nodes, shard within)
+RESHARDING_STRATEGIES = ("full-shard", "hybrid-shard")  # parameters re-sharded after forward (else kept gathered)
+
+
+def resolve_train_strategy(train_strategy: str, num_nodes: int = 1) -> str:
+    """The strategy that runs for `train_strategy` on `num_nodes` nodes: a reference id resolves to the sharding the
+    reference ran (hybrid on several nodes, where it differs from full sharding); a strategy name is itself."""
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes = {num_nodes} must be positive. Fix: launch at least one node.")
+    if train_strategy in TRAIN_STRATEGY_ALIASES:
+        one_node, several_nodes = TRAIN_STRATEGY_ALIASES[train_strategy]
+        return several_nodes if num_nodes > 1 else one_node
+    if train_strategy not in TRAIN_STRATEGIES:
+        raise ValueError(f"Unknown train_strategy {train_strategy!r}. Fix: pass --vla.train_strategy one of "
+                         f"{[*TRAIN_STRATEGIES, *TRAIN_STRATEGY_ALIASES]}.")
+    return train_strategy
 
 
 @dataclass
@@ -51,7 +73,7 @@ class VLAConfig(draccus.ChoiceRegistry):
     max_grad_norm: float  # global gradient-norm clipping threshold
     lr_scheduler_type: str  # "constant" | "linear-warmup+cosine-decay"
     warmup_ratio: float  # fraction of the step budget spent in linear warmup, in [0, 1)
-    train_strategy: str  # "full-shard" | "shard-grad-op" | "hybrid-shard" (aliases: "fsdp-full-shard", ...)
+    train_strategy: str  # a TRAIN_STRATEGIES name, or a reference id ("fsdp-full-shard", "fsdp-shard-grad-op")
 
     enable_gradient_checkpointing: bool = True  # non-reentrant activation checkpointing of LLM decoder layers
     enable_mixed_precision_training: bool = True  # bf16 autocast over FP32 master weights
@@ -69,13 +91,10 @@ class VLAConfig(draccus.ChoiceRegistry):
 
         return stage_from_flags(self.freeze_vision_backbone, self.freeze_llm_backbone, self.unfreeze_last_llm_layer)
 
-    def normalized_train_strategy(self) -> str:
-        """`train_strategy` with the reference's aliases resolved (`fsdp-full-shard` -> `full-shard`)."""
-        strategy = TRAIN_STRATEGY_ALIASES.get(self.train_strategy, self.train_strategy)
-        if strategy not in TRAIN_STRATEGIES:
-            raise ValueError(f"Unknown train_strategy {self.train_strategy!r}. Fix: pass --vla.train_strategy one of "
-                             f"{[*TRAIN_STRATEGIES, *TRAIN_STRATEGY_ALIASES]}.")
-        return strategy
+    def normalized_train_strategy(self, num_nodes: int = 1) -> str:
+        """`train_strategy` as it runs on `num_nodes` nodes (`fsdp-full-shard` -> `full-shard` on one node,
+        `hybrid-shard` on several; see `resolve_train_strategy`)."""
+        return resolve_train_strategy(self.train_strategy, num_nodes)
 
     def grad_accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per gradient step: `global_batch_size / (per_device_batch_size * world_size)`."""

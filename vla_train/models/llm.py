@@ -302,9 +302,23 @@ class LLMBackbone(nn.Module):
         return LLM_FAMILIES[self.spec.family].decoder_layer_cls
 
     @property
+    def transformer_layers(self) -> nn.ModuleList:
+        """The decoder layers, in forward order."""
+        return self.llm.model.layers
+
+    def activation_checkpoint_containers(self) -> list[nn.Module]:
+        """Containers whose items are the activation-checkpointing units (wrapped in place, same state-dict keys)."""
+        return [self.transformer_layers]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """FSDP units in forward order: each decoder layer (embeddings, final norm and head stay with the root).
+        Call after activation checkpointing, which replaces the layers by their wrappers."""
+        return list(self.transformer_layers)
+
+    @property
     def last_layer_finetune_modules(self) -> tuple[nn.Module, ...]:
         """Input embeddings, final decoder layer and output head (the final norm stays frozen)."""
-        return (self.llm.model.embed_tokens, self.llm.model.layers[-1], self.llm.lm_head)
+        return (self.llm.model.embed_tokens, self.transformer_layers[-1], self.llm.lm_head)
 
     @property
     def embed_dim(self) -> int:

@@ -171,6 +171,20 @@ class VisionBackbone(nn.Module):
     def featurizers(self) -> list[VisionTransformer]:
         return [getattr(self, self.featurizer_name(key)) for key in self.keys]
 
+    def activation_checkpoint_containers(self) -> list[nn.Module]:
+        """Each featurizer's blocks: containers whose items are the activation-checkpointing units (wrapped in
+        place, same state-dict keys)."""
+        return [featurizer.blocks for featurizer in self.featurizers]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """FSDP units in forward order, inner first: each featurizer's blocks, then the featurizer itself (its patch
+        embedding, prefix tokens and norms). Call after activation checkpointing, which replaces the blocks."""
+        units: list[nn.Module] = []
+        for featurizer in self.featurizers:
+            units.extend(featurizer.blocks)
+            units.append(featurizer)
+        return units
+
     @property
     def default_image_resolution(self) -> tuple[int, int, int]:
         return (3, self.spec.image_size, self.spec.image_size)

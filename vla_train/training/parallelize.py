@@ -1,11 +1,20 @@
 """FSDP2 for a PrismaticVLM: activation checkpointing, then `fully_shard` per unit, in one function.
 
-Units (composed from what each backbone declares): every LLM decoder layer, every ViT block and then each whole
-featurizer, the projector, then the root (embeddings, final norm, head). Strategies, named for what they do:
-- `full-shard`: ZeRO-3, parameters re-sharded after forward (the reference's `fsdp-full-shard` id maps here; the
-  reference actually ran hybrid sharding under that name);
-- `shard-grad-op`: parameters stay gathered between forward and backward (ZeRO-2-like; alias `fsdp-shard-grad-op`);
-- `hybrid-shard`: shard within a node, replicate across nodes (a 2-D device mesh).
+Units are composed from what each part declares, in forward order: the vision backbone's `fsdp_units()` (every ViT
+block, then each whole featurizer), the projector, the LLM backbone's `fsdp_units()` (every decoder layer), then the
+root (LLM embeddings, final norm, head). Activation checkpointing wraps the items of each backbone's
+`activation_checkpoint_containers()` in place, so state-dict keys are unchanged. A new backbone family plugs in by
+declaring those two methods; nothing here names a family's modules.
+
+Strategies are `config/vla.py`'s `TRAIN_STRATEGIES` (the one list); `resolve_train_strategy` maps the reference's
+ids by node count (`fsdp-full-shard` -> `hybrid-shard` on several nodes, `full-shard` on one; `fsdp-shard-grad-op`
+-> `hybrid-shard-grad-op` / `shard-grad-op`), as the reference ran hybrid sharding under those names.
+- `full-shard` (ZeRO-3) and `shard-grad-op` (parameters stay gathered between forward and backward, ZeRO-2-like):
+  a 1-D mesh over all ranks;
+- `hybrid-shard` / `hybrid-shard-grad-op`: the same within a node, replicated across nodes, on a 2-D
+  `(replicate, shard)` mesh of shape `(num_nodes, local_world_size)`.
+As in torchtitan, the root and the last decoder layer are never re-sharded after forward: backward needs their
+parameters first. The log line names the requested and the resolved strategy and the mesh shape.
 Mixed precision: FP32 master weights, bf16 compute, fp32 (or bf16) gradient reduction. A frozen vision backbone is
 cast to bf16 first, as the reference does, outside the stages that train it.
 """
@@ -16,68 +25,69 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from vla_train.config.vla import HYBRID_STRATEGIES, RESHARDING_STRATEGIES, resolve_train_strategy
 from vla_train.log import logger
 from vla_train.models.vlm import PrismaticVLM
 from vla_train.training.distributed import DistributedContext
 
-STRATEGIES = ("full-shard", "shard-grad-op", "hybrid-shard")
-STRATEGY_ALIASES = {"fsdp-full-shard": "full-shard", "fsdp-shard-grad-op": "shard-grad-op"}
 STAGES_TRAINING_VISION = ("vla-full-train", "full-finetune", "vla-sandwich-train")
 
 
-def normalize_strategy(strategy: str) -> str:
-    strategy = STRATEGY_ALIASES.get(strategy, strategy)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown train_strategy {strategy!r}; choose one of {list(STRATEGIES)} "
-                         f"(aliases: {STRATEGY_ALIASES}).")
-    return strategy
-
-
 def build_mesh(ctx: DistributedContext, strategy: str) -> DeviceMesh:
-    device_type = ctx.device.type
-    if strategy == "hybrid-shard":
+    """A 2-D `(replicate, shard)` mesh of shape `(num_nodes, local_world_size)` for a hybrid strategy (resolved
+    name), else a 1-D `(shard,)` mesh over all ranks. Collective."""
+    if strategy in HYBRID_STRATEGIES:
         if ctx.world_size % ctx.local_world_size:
-            raise ValueError(f"hybrid-shard needs equal GPUs per node: world {ctx.world_size}, "
-                             f"local {ctx.local_world_size}.")
-        return init_device_mesh(device_type, (ctx.num_nodes, ctx.local_world_size),
+            raise ValueError(f"{strategy} needs the same number of processes on every node: world size "
+                             f"{ctx.world_size} is not a multiple of {ctx.local_world_size} per node. Fix: launch "
+                             "equal --nproc-per-node on every node, or use --vla.train_strategy full-shard.")
+        return init_device_mesh(ctx.device.type, (ctx.num_nodes, ctx.local_world_size),
                                 mesh_dim_names=("replicate", "shard"))
-    return init_device_mesh(device_type, (ctx.world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(ctx.device.type, (ctx.world_size,), mesh_dim_names=("shard",))
 
 
-def _checkpoint_blocks(blocks: nn.ModuleList) -> None:
-    """Replace each block with a non-reentrant activation-checkpointing wrapper (state-dict keys unchanged)."""
-    for index, block in enumerate(blocks):
-        blocks[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=False)
+def _checkpoint_items(container: nn.Module) -> None:
+    """Replace each item with a non-reentrant activation-checkpointing wrapper (state-dict keys unchanged)."""
+    for index, block in enumerate(container):
+        container[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                              preserve_rng_state=False)
+
+
+def _fully_shard_units(vlm: PrismaticVLM, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool) -> None:
+    """`fully_shard` every declared unit, inner first, then the root; the root and the last decoder layer keep
+    their parameters gathered after forward (torchtitan's choice: backward starts with them)."""
+    llm_units = vlm.llm_backbone.fsdp_units()
+    if not llm_units:
+        raise ValueError(f"LLM backbone {vlm.llm_backbone.identifier!r} declares no FSDP units (fsdp_units()).")
+    for unit in (*vlm.vision_backbone.fsdp_units(), vlm.projector, *llm_units):
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and unit is not llm_units[-1])
+    fully_shard(vlm, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
 def parallelize_vlm(vlm: PrismaticVLM, ctx: DistributedContext, *, strategy: str, stage: str,
                     mixed_precision: bool = True, reduce_in_full_precision: bool = True,
                     activation_checkpointing: bool = True, checkpoint_vision_blocks: bool = False) -> PrismaticVLM:
-    """Apply activation checkpointing and FSDP2 in place (collective: call on every rank); returns the model."""
-    strategy = normalize_strategy(strategy)
+    """Apply activation checkpointing and FSDP2 in place (collective: call on every rank); returns the model.
+
+    `strategy` is a `TRAIN_STRATEGIES` name or a reference id, resolved for `ctx.num_nodes` nodes.
+    """
+    resolved = resolve_train_strategy(strategy, ctx.num_nodes)
     vlm.to(ctx.device)
     if mixed_precision and stage not in STAGES_TRAINING_VISION:
         vlm.vision_backbone.to(torch.bfloat16)
-    llm_layers = vlm.llm_backbone.llm.model.layers
     if activation_checkpointing:
-        _checkpoint_blocks(llm_layers)
+        containers = vlm.llm_backbone.activation_checkpoint_containers()
         if checkpoint_vision_blocks:
-            for featurizer in vlm.vision_backbone.featurizers:
-                _checkpoint_blocks(featurizer.blocks)
-    mesh = build_mesh(ctx, strategy)
+            containers = [*containers, *vlm.vision_backbone.activation_checkpoint_containers()]
+        for container in containers:
+            _checkpoint_items(container)
+    mesh = build_mesh(ctx, resolved)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                   reduce_dtype=torch.float32 if reduce_in_full_precision else torch.bfloat16) \
         if mixed_precision else MixedPrecisionPolicy()
-    kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=strategy != "shard-grad-op")
-    for featurizer in vlm.vision_backbone.featurizers:
-        for block in featurizer.blocks:
-            fully_shard(block, **kwargs)
-        fully_shard(featurizer, **kwargs)
-    for layer in llm_layers:
-        fully_shard(layer, **kwargs)
-    fully_shard(vlm.projector, **kwargs)
-    fully_shard(vlm, **kwargs)
-    logger.info("FSDP2 %s over %s (mixed precision %s, reduce %s, activation checkpointing %s)", strategy,
-                tuple(mesh.shape), mixed_precision, "fp32" if reduce_in_full_precision else "bf16",
-                activation_checkpointing)
+    _fully_shard_units(vlm, mesh, policy, reshard=resolved in RESHARDING_STRATEGIES)
+    logger.info("FSDP2 train_strategy %s ran as %s on mesh %s %s, parameter placements %s (%d node(s); mixed "
+                "precision %s, reduce %s, activation checkpointing %s)", strategy, resolved, tuple(mesh.shape),
+                mesh.mesh_dim_names, next(vlm.parameters()).placements, ctx.num_nodes, mixed_precision,
+                "fp32" if reduce_in_full_precision else "bf16", activation_checkpointing)
     return vlm

@@ -1,0 +1,138 @@
+"""parallelize_vlm on a 1-process gloo group: units composed from the backbones' declarations, activation
+checkpointing, meshes and placements per strategy, which units stay gathered after forward, state-dict keys."""
+
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from tests.conftest import build_tiny
+from vla_train.training.distributed import DistributedContext
+from vla_train.training.parallelize import build_mesh, parallelize_vlm
+
+MODEL_ID = "tiny-dinosiglip+tiny-llama"
+CPU_CONTEXT = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
+                                 backend="gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def gloo_group():
+    assert not dist.is_initialized(), "a default process group already exists in this process"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            timeout=timedelta(minutes=2))
+    yield
+    dist.destroy_process_group()
+
+
+def _batch(vlm) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vlm.llm_backbone.llm.config.vocab_size, (2, 8), generator=generator)
+    input_ids[:, 0] = 1
+    size = vlm.vision_backbone.default_image_resolution
+    pixels = {key: torch.randn(2, *size, generator=generator) for key in vlm.vision_backbone.keys}
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
+                labels=input_ids.clone())
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    """True when the unit's parameters are the sharded DTensors (FSDP2 swaps in plain tensors while gathered)."""
+    return all(isinstance(p, DTensor) for p in module.parameters())
+
+
+@pytest.mark.parametrize(("strategy", "resolved", "mesh_shape", "placements", "reshards"), [
+    ("full-shard", "full-shard", (1,), (Shard(0),), True),
+    ("fsdp-full-shard", "full-shard", (1,), (Shard(0),), True),  # one node: the reference id is full sharding
+    ("shard-grad-op", "shard-grad-op", (1,), (Shard(0),), False),
+    ("fsdp-shard-grad-op", "shard-grad-op", (1,), (Shard(0),), False),
+    ("hybrid-shard", "hybrid-shard", (1, 1), (Replicate(), Shard(0)), True),
+    ("hybrid-shard-grad-op", "hybrid-shard-grad-op", (1, 1), (Replicate(), Shard(0)), False),
+])
+def test_units_placements_and_resharding(strategy, resolved, mesh_shape, placements, reshards, gloo_group,
+                                         log_records):
+    vlm = build_tiny(MODEL_ID)
+    keys = list(vlm.state_dict())
+    parallelize_vlm(vlm, CPU_CONTEXT, strategy=strategy, stage="vla-full-train")
+    assert list(vlm.state_dict()) == keys  # checkpoints stay compatible
+    message = f"train_strategy {strategy} ran as {resolved} on mesh {mesh_shape}"
+    assert any(message in r.getMessage() and str(placements) in r.getMessage() for r in log_records.records)
+
+    featurizers = vlm.vision_backbone.featurizers
+    blocks = [block for featurizer in featurizers for block in featurizer.blocks]
+    layers = list(vlm.llm_backbone.llm.model.layers)
+    assert all(isinstance(layer, CheckpointWrapper) for layer in layers)
+    assert not any(isinstance(block, CheckpointWrapper) for block in blocks)  # checkpoint_vision_blocks=False
+    units = [*blocks, *featurizers, vlm.projector, *layers, vlm]
+    assert all(isinstance(unit, FSDPModule) for unit in units)
+    assert sum(isinstance(m, FSDPModule) for m in vlm.modules()) == len(units)  # no other units
+    for param in vlm.parameters():
+        assert isinstance(param, DTensor) and param.placements == placements
+        assert param.device_mesh.shape == mesh_shape
+
+    loss = vlm(**_batch(vlm)).loss  # after forward, before backward: who was re-sharded?
+    head = vlm.llm_backbone.llm.lm_head  # a module of the root unit
+    assert not _is_sharded(layers[-1]) and not _is_sharded(head)  # last decoder layer and root stay gathered
+    assert _is_sharded(layers[0]) is reshards
+    assert _is_sharded(vlm.projector) is reshards
+    assert _is_sharded(blocks[0]) is reshards
+    loss.backward()
+    assert _is_sharded(layers[-1]) and _is_sharded(head) and _is_sharded(layers[0])
+    assert all(p.grad is not None for p in layers[0].parameters())
+
+
+def test_checkpointing_follows_the_declared_containers_and_frozen_vision_is_bf16(gloo_group):
+    vlm = build_tiny(MODEL_ID)
+    parallelize_vlm(vlm, CPU_CONTEXT, strategy="full-shard", stage="vla-train", checkpoint_vision_blocks=True,
+                    activation_checkpointing=True)
+    for featurizer in vlm.vision_backbone.featurizers:
+        assert all(isinstance(block, CheckpointWrapper) for block in featurizer.blocks)
+    assert {p.dtype for p in vlm.vision_backbone.parameters()} == {torch.bfloat16}  # frozen stage: cast first
+    assert {p.dtype for p in vlm.llm_backbone.parameters()} == {torch.float32}  # FP32 master weights
+
+    plain = build_tiny(MODEL_ID)
+    parallelize_vlm(plain, CPU_CONTEXT, strategy="full-shard", stage="vla-full-train", activation_checkpointing=False,
+                    mixed_precision=False)
+    assert not any(isinstance(m, CheckpointWrapper) for m in plain.modules())
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+
+
+def test_parallelize_composes_what_the_backbones_declare(gloo_group, monkeypatch):
+    """A backbone that declares each featurizer as one unit (torchtitan's choice for a small encoder) gets exactly
+    that: no per-block units, with nothing changed in parallelize."""
+    vlm = build_tiny(MODEL_ID)
+    featurizers = vlm.vision_backbone.featurizers
+    monkeypatch.setattr(vlm.vision_backbone, "fsdp_units", lambda: list(featurizers))
+    monkeypatch.setattr(vlm.llm_backbone, "activation_checkpoint_containers", lambda: [])
+    parallelize_vlm(vlm, CPU_CONTEXT, strategy="full-shard", stage="vla-full-train")
+    assert all(isinstance(f, FSDPModule) for f in featurizers)
+    assert not any(isinstance(block, FSDPModule) for f in featurizers for block in f.blocks)
+    assert not any(isinstance(m, CheckpointWrapper) for m in vlm.modules())
+
+
+def test_backbones_declare_units_in_forward_order():
+    vlm = build_tiny(MODEL_ID)
+    vision, llm = vlm.vision_backbone, vlm.llm_backbone
+    dino, siglip = vision.featurizers
+    assert vision.fsdp_units() == [*dino.blocks, dino, *siglip.blocks, siglip]
+    assert vision.activation_checkpoint_containers() == [dino.blocks, siglip.blocks]
+    assert llm.fsdp_units() == list(llm.llm.model.layers) and len(llm.fsdp_units()) == 2
+    assert llm.activation_checkpoint_containers() == [llm.llm.model.layers]
+    assert llm.last_layer_finetune_modules[1] is llm.llm.model.layers[-1]
+
+
+def test_hybrid_mesh_needs_equal_processes_per_node():
+    uneven = DistributedContext(rank=0, world_size=3, local_rank=0, local_world_size=2, device=torch.device("cpu"),
+                                backend="gloo")
+    with pytest.raises(ValueError, match=r"hybrid-shard needs the same number of processes on every node: world "
+                                         r"size 3 is not a multiple of 2 per node\. Fix:"):
+        build_mesh(uneven, "hybrid-shard")
