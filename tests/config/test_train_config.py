@@ -41,9 +41,15 @@ def test_defaults_match_reference():
         Path("datasets/open-x-embodiment"), Path("runs"), None, True, None, None, None, None, 2500, False, 7,
         Path(".hf_token"), ("jsonl", "wandb"), "openvla", "stanford-voltron")
     assert (cfg.resume, cfg.keep_last_k, cfg.deterministic_data, cfg.registry_dirs, cfg.log_interval) == (
-        None, None, False, (), 1)
+        None, None, False, (), 10)
     with pytest.raises(ValueError, match="Expected World Size = 64 but Found 8"):
         validate_train_config(cfg, 8)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_peak_device_tflops_must_be_finite_and_positive(value):
+    with pytest.raises(ValueError, match=rf"peak_device_tflops = {value} must be a finite positive number"):
+        validate_train_config(tiny(peak_device_tflops=value), 2)
 
 
 def test_run_id_naming():

@@ -1,6 +1,8 @@
-"""torchrun, 2 processes, gloo: every freezing stage and sharding strategy, exact resume, SIGTERM, bad configs."""
+"""torchrun, 2 processes, gloo: every freezing stage and sharding strategy (frozen parameters bit-unchanged,
+trainable ones trained), hybrid sharding over 2 nodes x 2, exact resume, SIGTERM, bad configs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,12 +12,15 @@ import time
 import psutil
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
-from tests.e2e.conftest import REPO, assert_ok, step_losses, torchrun, train_args
+from tests.e2e.conftest import REPO, assert_ok, step_losses, torchrun, torchrun_nodes, train_args
 from vla_train.config.train import load_train_config
-from vla_train.models.run_dir import load_run_dir
+from vla_train.models.run_dir import load_base_vlm, load_run_dir
+from vla_train.models.vlm import ALL_MODULE_KEYS, PrismaticVLM
 
 RUN_ID = "tiny-test+n0+b2+x7"
+BASE_VLM = "tiny-dinosiglip+tiny-llama"  # tiny-test's base_vlm: built from its seeded initialization
 
 # every VLA freezing stage and every sharding strategy appears at least once
 CASES = [
@@ -28,6 +33,10 @@ CASES = [
                                                  "--vla.global_batch_size", "8"]),
 ]
 
+# what each strategy runs as on one node of 2 processes (the reference id is full sharding there)
+RUNS_AS = {"full-shard": "full-shard on mesh (2,)", "shard-grad-op": "shard-grad-op on mesh (2,)",
+           "hybrid-shard": "hybrid-shard on mesh (1, 2)", "fsdp-full-shard": "full-shard on mesh (2,)"}
+
 
 @pytest.mark.parametrize(("stage", "strategy", "flags"), CASES, ids=[c[0] for c in CASES])
 def test_each_stage_and_strategy_trains_and_writes_a_loadable_run(stage, strategy, flags, demo_data, tmp_path):
@@ -36,6 +45,7 @@ def test_each_stage_and_strategy_trains_and_writes_a_loadable_run(stage, strateg
     assert_ok(result)
     run_dir = tmp_path / RUN_ID
     assert f"Stage {stage}" in result.stderr
+    assert f"train_strategy {strategy} ran as {RUNS_AS[strategy]}" in result.stderr
     losses = step_losses(run_dir)
     assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())
     # reference run-directory layout
@@ -53,6 +63,85 @@ def test_each_stage_and_strategy_trains_and_writes_a_loadable_run(stage, strateg
     assert set(state["model"]) == {"vision_backbone", "projector", "llm_backbone"}
     vlm = load_run_dir(run_dir)  # a VLA run directory reloads through its base_vlm
     assert all(p.dtype == torch.float32 for p in vlm.parameters())
+    _assert_trained_as_staged(stage, state["model"], load_base_vlm(BASE_VLM))
+
+
+def _trains(stage: str, key: str, name: str, last_layer: int) -> bool:
+    """Whether `stage` trains parameter `name` of module `key` (the freezing table, written out independently)."""
+    if key == "vision_backbone":
+        return stage in ("vla-full-train", "vla-sandwich-train")
+    if key == "projector":
+        return stage != "vla-last-layer-train"
+    if stage in ("vla-full-train", "vla-train"):
+        return True
+    return name.startswith(("llm.model.embed_tokens.", f"llm.model.layers.{last_layer}.", "llm.lm_head."))
+
+
+def _unreached_parameters(vlm: PrismaticVLM) -> set[str]:
+    """Parameters no loss gradient reaches, from one backward of the plain (unsharded) model: the featurizers return
+    their penultimate block, so the last block, final norm and SigLIP's pooling head are unused."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vlm.llm_backbone.llm.config.vocab_size, (2, 8), generator=generator)
+    size = vlm.vision_backbone.default_image_resolution
+    pixels = {key: torch.randn(2, *size, generator=generator) for key in vlm.vision_backbone.keys}
+    vlm(input_ids=input_ids, pixel_values=pixels, labels=input_ids).loss.backward()
+    unreached = {name for name, p in vlm.named_parameters() if p.grad is None or not p.grad.any()}
+    vlm.zero_grad(set_to_none=True)
+    return unreached
+
+
+def _assert_trained_as_staged(stage: str, saved: dict, base: PrismaticVLM) -> None:
+    """Compare the consolidated checkpoint (FP32) with the base model, parameter by parameter. Frozen parameters
+    (and trainable ones no gradient reaches: AdamW skips them) are bit-unchanged. Outside the stages that train it
+    the vision backbone is cast to bf16 before sharding (mixed precision, as the reference does), so there
+    "unchanged" means equal to the bf16-rounded original. Every other trainable parameter changed."""
+    last_layer = len(base.llm_backbone.llm.model.layers) - 1
+    unreached = _unreached_parameters(base)
+    assert unreached and all(name.startswith("vision_backbone.") for name in unreached), unreached
+    cast_vision = not _trains(stage, "vision_backbone", "", last_layer)
+    changed = {key: 0 for key in ALL_MODULE_KEYS}
+    for key in ALL_MODULE_KEYS:
+        original = getattr(base, key).state_dict()
+        assert set(saved[key]) == set(original), key  # same keys as the base model (checkpoint compatibility)
+        for name, tensor in original.items():
+            if key == "vision_backbone" and cast_vision:
+                tensor = tensor.to(torch.bfloat16).float()
+            if _trains(stage, key, name, last_layer) and f"{key}.{name}" not in unreached:
+                assert not torch.equal(saved[key][name], tensor), f"{stage}: trainable {key}.{name} did not change"
+                changed[key] += 1
+            else:
+                assert torch.equal(saved[key][name], tensor), f"{stage}: frozen {key}.{name} changed"
+    trained = {key for key in ALL_MODULE_KEYS if any(_trains(stage, key, n, last_layer) for n in saved[key])}
+    assert {key for key, count in changed.items() if count} == trained
+    if cast_vision:  # the bf16 rounding is real: the saved frozen vision weights are not the FP32 originals
+        original = base.vision_backbone.state_dict()
+        assert any(not torch.equal(saved["vision_backbone"][n], t) for n, t in original.items())
+
+
+def test_hybrid_shard_replicates_across_two_nodes(demo_data, tmp_path):
+    """4 processes as 2 nodes x 2: the reference id `fsdp-full-shard` runs hybrid sharding on a (2, 2) mesh, each
+    parameter replicated across the nodes and sharded within one; it trains and its checkpoint reloads."""
+    node0, node1 = torchrun_nodes(train_args(demo_data, tmp_path, "--vla.train_strategy", "fsdp-full-shard",
+                                             "--vla.max_steps", "2", "--vla.expected_world_size", "4",
+                                             "--vla.global_batch_size", "8"))
+    assert_ok(node0)
+    assert_ok(node1)
+    assert ("train_strategy fsdp-full-shard ran as hybrid-shard on mesh (2, 2) ('replicate', 'shard'), parameter "
+            "placements (Replicate(), Shard(dim=0)) (2 node(s)") in node0.stderr
+    assert "global batch 8 = 2 per device x 4 ranks x 1 accumulation" in node0.stderr
+    run_dir = tmp_path / RUN_ID
+    losses = step_losses(run_dir)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    (sharded,) = [p for p in (run_dir / "checkpoints").glob("step-000002-epoch-*") if p.is_dir()]
+    metadata = FileSystemReader(sharded).read_metadata().state_dict_metadata
+    for name in ("model.llm_backbone.llm.model.embed_tokens.weight", "model.projector.projector.0.weight"):
+        rows = metadata[name].size[0]  # 2 distinct shards (one per rank of a node), not 4 as full sharding saves
+        assert sorted((c.offsets[0], c.sizes[0]) for c in metadata[name].chunks) == [(0, rows // 2), (rows // 2,
+                                                                                                     rows // 2)]
+    vlm = load_run_dir(run_dir)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in vlm.parameters())
+    saved = torch.load(run_dir / "checkpoints" / "latest-checkpoint.pt", weights_only=True)["model"]
+    _assert_trained_as_staged("vla-full-train", saved, load_base_vlm(BASE_VLM))  # every reached parameter trained
 
 
 def test_resume_reproduces_a_straight_run_exactly(demo_data, tmp_path):

@@ -19,11 +19,15 @@ from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.vlm import IGNORE_INDEX
 from vla_train.training import metrics as metrics_module
 from vla_train.training import trackers as trackers_module
+from vla_train.training.flops import FlopsModel
 from vla_train.training.metrics import ActionMetrics, ProgressBar, ThroughputMeter, reduce_metrics
 from vla_train.training.trackers import JSONLinesTracker, make_trackers, wandb_run_id
 
 VOCAB, PATCHES, LENGTH = 300, 3, 12
 MIXTURE = ["bridge", "fractal", "libero", "unused"]
+# Per sample: 1e6 + 1e3 S + 10 S^2 FLOPs, S = text tokens + 4 patches.
+FLOPS = FlopsModel(per_sample=1e6, per_token=1e3, per_token_pair=10.0, num_patches=4)
+PEAK = 1e9  # FLOP/s per device
 
 
 class _Tokenizer:
@@ -113,11 +117,11 @@ def test_action_metrics_errors():
 
 def test_accumulate_never_syncs(monkeypatch):
     """No host read of a tensor in the accumulation path: inspection plus every host-read method made to raise."""
-    for fn in (ActionMetrics.accumulate, ActionMetrics._decode, ThroughputMeter.count):
+    for fn in (ActionMetrics.accumulate, ActionMetrics._decode, ThroughputMeter.count, FlopsModel.batch_flops):
         source = inspect.getsource(fn)
         for forbidden in (r"\.item\(", r"\.cpu\(", r"\.numpy\(", r"\.tolist\(", r"(?<![.\w])(float|int|bool)\("):
             assert not re.search(forbidden, source), (fn.__name__, forbidden)
-    meter, throughput = ActionMetrics(_tokenizer(), MIXTURE, PATCHES), ThroughputMeter()
+    meter, throughput = ActionMetrics(_tokenizer(), MIXTURE, PATCHES), ThroughputMeter(flops_model=FLOPS)
     logits, labels = _batch(0)
 
     def boom(*_args, **_kwargs):
@@ -126,7 +130,8 @@ def test_accumulate_never_syncs(monkeypatch):
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, boom)
     meter.accumulate(logits, labels, [b"bridge"] * 4)
-    throughput.count(4, (labels != IGNORE_INDEX).sum() + 0, (labels != IGNORE_INDEX).sum())
+    throughput.count(4, (labels != IGNORE_INDEX).sum() + 0, (labels != IGNORE_INDEX).sum(),
+                     text_lengths=(labels != IGNORE_INDEX).sum(dim=1))
     monkeypatch.undo()
     assert meter.reduce()["VLA Train/Loss"] > 0
 
@@ -172,10 +177,15 @@ def _reduce_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(minutes=2))
     try:
-        meter, throughput = ActionMetrics(_tokenizer(), MIXTURE, PATCHES), ThroughputMeter()
+        meter = ActionMetrics(_tokenizer(), MIXTURE, PATCHES)
+        throughput = ThroughputMeter(flops_model=FLOPS, peak_flops_per_device=PEAK)
+        throughput._track_memory = True  # as on CUDA: rank r's peak is (r + 1) GiB
+        torch.cuda.max_memory_allocated = lambda device=None: (rank + 1) * 2.0**30
+        torch.cuda.reset_peak_memory_stats = lambda device=None: None
         for (logits, labels), names in _rank_batches(rank):
             meter.accumulate(logits, labels, names)
-            throughput.count(len(names), labels.numel(), (labels != IGNORE_INDEX).sum())
+            throughput.count(len(names), labels.numel(), (labels != IGNORE_INDEX).sum(),
+                             text_lengths=torch.full((len(names),), LENGTH))
         throughput.step()
         calls = []
         real_all_reduce = dist.all_reduce
@@ -205,7 +215,8 @@ def test_reduce_across_two_ranks_equals_concatenated_batches():
     logits = np.concatenate([b[0][0].numpy() for b in batches])
     labels = np.concatenate([b[0][1].numpy() for b in batches])
     names = [n.decode() for b in batches for n in b[1]]
-    throughput = {k: got.pop(k) for k in list(got) if "Second" in k or "Time" in k or "Wait" in k}
+    throughput = {k: got.pop(k) for k in list(got) if any(word in k for word in (
+        "Second", "Time", "Wait", "TFLOPS", "MFU", "Memory"))}
     _assert_metrics_equal(got, _numpy_metrics(logits, labels, names, _tokenizer()))
     assert {k.split("/")[0] for k in got} == {"VLA Train", "bridge", "libero", "fractal"}
     # global counts: 9 samples over both ranks; tokens/samples = LENGTH
@@ -213,6 +224,11 @@ def test_reduce_across_two_ranks_equals_concatenated_batches():
         LENGTH)
     assert throughput["VLA Train/Supervised Tokens per Second"] / throughput[
         "VLA Train/Samples per Second"] == pytest.approx(8)
+    # MFU x peak x world size / samples per second = FLOPs per sample (every sample has LENGTH text tokens)
+    mfu = throughput["VLA Train/MFU"]
+    assert mfu * PEAK * 2 / throughput["VLA Train/Samples per Second"] == pytest.approx(FLOPS.sample_flops(LENGTH))
+    assert throughput["VLA Train/Model TFLOPS per Device"] == pytest.approx(mfu * PEAK / 1e12)
+    assert throughput["VLA Train/Peak Device Memory GiB"] == 2.0  # the max over ranks, in the same all-reduce
 
 
 def test_throughput_meter_single_process(monkeypatch):
@@ -234,6 +250,47 @@ def test_throughput_meter_single_process(monkeypatch):
     })
     meter.step()
     assert reduce_metrics(meter)["VLA Train/Step Time"] == pytest.approx(20.0 - 11.25)  # next window starts at end
+
+
+def test_mfu_equals_the_hand_formula(monkeypatch):
+    clock = iter([0.0, 4.0])
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: next(clock))
+    meter = ThroughputMeter(flops_model=FLOPS, peak_flops_per_device=PEAK)  # window starts at 0.0
+    meter.count(2, torch.tensor(20), torch.tensor(4), text_lengths=torch.tensor([3, 5]))  # S = 7 and 9
+    meter.count(1, torch.tensor(10), torch.tensor(2), text_lengths=torch.tensor([6]))  # S = 10
+    meter.step()
+    got = reduce_metrics(meter)  # window ends at 4.0
+    flops = (3 * 1e6) + 1e3 * (7 + 9 + 10) + 10.0 * (7**2 + 9**2 + 10**2)  # = 3_028_300
+    assert flops == 3_028_300
+    assert got["VLA Train/Model TFLOPS per Device"] == pytest.approx(flops / 4.0 / 1e12)
+    assert got["VLA Train/MFU"] == pytest.approx(flops / 4.0 / PEAK)  # 0.000757...
+    assert "VLA Train/Peak Device Memory GiB" not in got  # CPU: no memory figure
+
+
+def test_no_mfu_without_a_peak_or_a_flops_model():
+    meter = ThroughputMeter(flops_model=FLOPS)  # CPU, no peak given
+    meter.count(1, 10, 2, text_lengths=torch.tensor([6]))
+    meter.step()
+    got = reduce_metrics(meter)
+    assert "VLA Train/MFU" not in got and "VLA Train/Peak Device Memory GiB" not in got
+    assert got["VLA Train/Model TFLOPS per Device"] > 0
+    plain = ThroughputMeter(peak_flops_per_device=PEAK)  # a peak but no FLOPs model: nothing to divide
+    plain.count(1, 10, 2, text_lengths=torch.tensor([6]))
+    plain.step()
+    assert not any("MFU" in k or "TFLOPS" in k for k in reduce_metrics(plain))
+    with pytest.raises(ValueError, match="peak_flops_per_device"):
+        ThroughputMeter(peak_flops_per_device=0.0)
+
+
+def test_peak_memory_is_reset_every_window(monkeypatch):
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    meter = ThroughputMeter()
+    meter._track_memory = True  # as on a CUDA device (the CPU meter tracks nothing)
+    meter.step()
+    assert reduce_metrics(meter)["VLA Train/Peak Device Memory GiB"] == 3.0
+    assert len(resets) == 1  # after the window's reduction
 
 
 def test_jsonl_tracker_appends_on_resume(tmp_path):

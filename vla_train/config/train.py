@@ -62,10 +62,13 @@ class TrainConfig:
     keep_last_k: int | None = None  # keep only the newest k checkpoints (None: keep all)
     deterministic_data: bool = False  # the data stream is a pure function of (seed, rank, world size)
     registry_dirs: tuple[Path, ...] = ()  # extra directories of dataset/mixture YAML (added to rlds_mixtures/)
-    log_interval: int = 1  # gradient steps between metric reductions across ranks and log lines
+    log_interval: int = 10  # steps between metric reductions (each one waits for the device) and log lines
     stop_after_steps: int | None = None  # end this invocation after N steps with a checkpoint (time-limited jobs)
     overwrite: bool = False  # a fresh run may delete an earlier run in the same run directory (else it is refused)
     allow_missing_datasets: bool = False  # train on the mixture's datasets present (warns), instead of refusing
+    peak_device_tflops: float | None = None  # dense bf16 peak TFLOP/s per device for MFU; None: by device name
+    statistics_cache_dir: Path | None = None  # shared directory for statistics caches (default: next to each dataset)
+    statistics_timeout_s: float = 21600.0  # how long ranks wait for rank 0's statistics (see compute_statistics.py)
     # After SIGTERM / SIGINT / SIGHUP / SIGUSR1, save only if the last save's duration fits in this many seconds from
     # the signal (torchrun SIGKILLs its workers --shutdown-timeout, default 30 s, after forwarding one); None: always
     signal_save_budget_s: float | None = 25.0
@@ -159,6 +162,9 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
                                                      and cfg.signal_save_budget_s >= 0):
         raise ValueError(f"signal_save_budget_s = {cfg.signal_save_budget_s} must be a finite number >= 0 (or null to "
                          "always save on a stop signal).")
+    if cfg.peak_device_tflops is not None and not (math.isfinite(cfg.peak_device_tflops) and cfg.peak_device_tflops > 0):
+        raise ValueError(f"peak_device_tflops = {cfg.peak_device_tflops} must be a finite positive number (or null to "
+                         "take it from the device name; known: A100, H100, H200).")
     if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
         raise ValueError(f"keep_last_k = {cfg.keep_last_k} must be >= 1. Fix: pass --keep_last_k >= 1, or null "
                          "to keep every checkpoint.")

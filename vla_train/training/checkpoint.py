@@ -58,20 +58,11 @@ from vla_train.training.checkpoint_io import (
     split_module_state,
     to_blob,
 )
-from vla_train.training.distributed import barrier, run_on_every_rank
+from vla_train.training.distributed import barrier, broadcast_object, run_on_every_rank
 
 
 def _rank_and_world_size() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _from_rank0(obj: Any) -> Any:
-    """Rank 0's copy of a small picklable object, on every rank; collective."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def _dcp(fn: Any, state: dict[str, Any], path: Path) -> None:
@@ -148,7 +139,7 @@ class CheckpointManager:
         shared = {"scheduler": to_blob(scheduler.state_dict() if scheduler is not None else None),
                   "train_state": to_blob({**train_state, "step": step, "epoch": epoch, "loss": loss}),
                   "step": step, "epoch": epoch, "loss": loss}
-        shared = _from_rank0(shared)
+        shared = broadcast_object(shared)  # rank 0's loss names the checkpoint
         step, epoch, loss = shared.pop("step"), shared.pop("epoch"), shared.pop("loss")
         name = checkpoint_name(step, epoch, loss)
         final, tmp = self.checkpoint_dir / name, self.checkpoint_dir / f".{name}.tmp"

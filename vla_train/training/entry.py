@@ -40,10 +40,10 @@ def train(cfg: TrainConfig, evaluate: bool = True) -> RunSummary:
 
 
 def _print_summary(summary: RunSummary) -> None:
-    losses = [entry["VLA Train/Loss"] for entry in summary.result.logged if "VLA Train/Loss" in entry]
-    lines = [f"Run directory: {summary.run_dir}", f"Steps: {summary.result.final_step}"]
-    if losses:
-        lines.append(f"Loss: {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")
+    result = summary.result
+    lines = [f"Run directory: {summary.run_dir}", f"Steps: {result.final_step}"]
+    if result.first_loss is not None and result.last_loss is not None:
+        lines.append(f"Loss: {result.first_loss:.4f} at the first logged step -> {result.last_loss:.4f} at the last")
     if summary.held_out:
         accuracy = summary.held_out.get("Held-out/Action Token Accuracy")
         if accuracy is not None:

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from vla_train.data.interleave import MixturePlan
 from vla_train.log import logger
-from vla_train.training.distributed import collective_device
+from vla_train.training.distributed import all_reduce
 from vla_train.training.metrics import ActionMetrics
 from vla_train.training.session import TrainingSession
 from vla_train.training.trainer import _to_device
@@ -43,8 +43,7 @@ def evaluate_held_out(session: TrainingSession, max_batches: int = 50) -> dict[s
         batches.append(batch)
         if len(batches) >= max_batches:
             break
-    count = torch.tensor([len(batches)], device=collective_device())  # NCCL takes only device tensors
-    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    count = all_reduce(torch.tensor([len(batches)]), op=dist.ReduceOp.MIN)
     if int(count.item()) == 0:  # reduced: every rank takes this branch together
         logger.warning("Skipping held-out evaluation: a rank read no held-out frame (e.g. none has an instruction).")
         return {}

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.vlm import IGNORE_INDEX
-from vla_train.training.distributed import is_rank_zero
+from vla_train.training.distributed import all_reduce, is_rank_zero
+from vla_train.training.flops import FlopsModel
 
 # === Reduction across ranks ===
 
@@ -45,10 +46,8 @@ def reduce_metrics(*meters: Reducible, group: dist.ProcessGroup | None = None,
     device = device or getattr(meters[0], "device", torch.device("cpu"))
     packed = [meter.pack(device) for meter in meters]
     flat = torch.cat(packed)
-    world_size = 1
-    if dist.is_initialized():
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        world_size = dist.get_world_size(group)
+    flat = all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    world_size = dist.get_world_size(group) if dist.is_initialized() else 1
     totals = flat.tolist()
     metrics: dict[str, float] = {}
     offset = 0
@@ -167,19 +166,35 @@ class ActionMetrics:
 
 
 class ThroughputMeter:
-    """Step time, data-wait fraction, samples/s and tokens/s over a logging window, as global figures.
+    """Step time, data-wait fraction, samples/s, tokens/s, model TFLOP/s, MFU and peak device memory over a logging
+    window, as global figures.
 
-    Counts (samples, tokens) are summed across ranks in `reduce_metrics`' all-reduce and divided by the mean window
-    wall time, so rates are for the whole job; times are means over ranks. Token counts may be device tensors
-    (e.g. `attention_mask.sum() + B * P`) and are added on device without a sync. The window is timed on the host
-    between reductions; `pack` waits for the device first so the time queued GPU work takes is counted.
+    Counts (samples, tokens, model FLOPs) are summed across ranks in `reduce_metrics`' all-reduce and divided by the
+    mean window wall time, so rates are for the whole job; times are means over ranks. Token counts may be device
+    tensors (e.g. `attention_mask.sum() + B * P`) and are added on device without a sync. The window is timed on the
+    host between reductions; `pack` waits for the device first so the time queued GPU work takes is counted.
+
+    With a `flops_model` (`vla_train.training.flops.FlopsModel`), `count(..., text_lengths=...)` adds the micro-batch's
+    model FLOPs (from its unpadded text lengths, on device) and the window logs `Model TFLOPS per Device` (achieved
+    model FLOP/s per device / 1e12); with `peak_flops_per_device` (FLOP/s) also `MFU` = achieved / peak. On CUDA the
+    window logs `Peak Device Memory GiB`, the largest `torch.cuda.max_memory_allocated` over ranks (each rank adds its
+    value at its rank's slot of the packed tensor, so the max travels in the same sum all-reduce); the peak is reset
+    every window. Nothing of it on CPU.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", prefix: str = "VLA Train") -> None:
+    def __init__(self, device: torch.device | str = "cpu", prefix: str = "VLA Train",
+                 flops_model: FlopsModel | None = None, peak_flops_per_device: float | None = None) -> None:
+        if peak_flops_per_device is not None and not peak_flops_per_device > 0:
+            raise ValueError(f"peak_flops_per_device = {peak_flops_per_device} must be > 0 (FLOP/s), or None to "
+                             "log no MFU.")
         self.device, self.prefix = torch.device(device), prefix
-        self._tokens = torch.zeros(2, dtype=torch.float64, device=self.device)  # [total, supervised]
+        self.flops_model, self.peak_flops_per_device = flops_model, peak_flops_per_device
+        self._tokens = torch.zeros(3, dtype=torch.float64, device=self.device)  # [total, supervised, model FLOPs]
         self._window_start = self._window_end = time.perf_counter()
         self._steps, self._samples, self._wait = 0, 0, 0.0
+        self._track_memory = self.device.type == "cuda"
+        if self._track_memory:
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     @contextmanager
     def waiting_for_data(self) -> Iterator[None]:
@@ -190,15 +205,26 @@ class ThroughputMeter:
         finally:
             self._wait += time.perf_counter() - start
 
-    def count(self, samples: int, tokens: torch.Tensor | int, supervised_tokens: torch.Tensor | int) -> None:
-        """Add one micro-batch: `samples` sequences, `tokens` LLM positions, `supervised_tokens` labelled ones."""
+    def count(self, samples: int, tokens: torch.Tensor | int, supervised_tokens: torch.Tensor | int,
+              text_lengths: torch.Tensor | None = None) -> None:
+        """Add one micro-batch: `samples` sequences, `tokens` LLM positions, `supervised_tokens` labelled ones, and
+        `text_lengths [B]` (unpadded text tokens per sample, `attention_mask.sum(dim=1)`) for the model FLOPs."""
         self._samples += samples
         self._tokens[0] += tokens
         self._tokens[1] += supervised_tokens
+        if self.flops_model is not None and text_lengths is not None:
+            self._tokens[2] += self.flops_model.batch_flops(text_lengths).to(self._tokens.device)
 
     def step(self) -> None:
         """Mark the end of one optimizer step."""
         self._steps += 1
+
+    def _memory_slots(self) -> torch.Tensor:
+        """`[world_size]` float64: this rank's peak allocated bytes at its rank's index, zeros elsewhere."""
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        slots = torch.zeros(world_size, dtype=torch.float64)
+        slots[rank] = torch.cuda.max_memory_allocated(self.device)
+        return slots
 
     def pack(self, device: torch.device) -> torch.Tensor:
         if self._tokens.device.type == "cuda":
@@ -206,20 +232,32 @@ class ThroughputMeter:
         self._window_end = time.perf_counter()
         host = torch.tensor([self._steps, self._window_end - self._window_start, self._wait, self._samples],
                             dtype=torch.float64)
+        if self._track_memory:
+            host = torch.cat([host, self._memory_slots()])
         return torch.cat([host.to(device), self._tokens.to(device)])
 
     def summarize(self, totals: list[float], world_size: int) -> dict[str, float]:
-        steps, elapsed, wait, samples, tokens, supervised = totals
+        steps, elapsed, wait, samples = totals[:4]
+        memory = totals[4:-3]
+        tokens, supervised, flops = totals[-3:]
         if steps == 0 or elapsed <= 0:
             return {}
         mean_elapsed = elapsed / world_size
-        return {
+        metrics = {
             f"{self.prefix}/Step Time": elapsed / steps,  # (sum of elapsed) / (sum of steps) = mean per step
             f"{self.prefix}/Samples per Second": samples / mean_elapsed,
             f"{self.prefix}/Tokens per Second": tokens / mean_elapsed,
             f"{self.prefix}/Supervised Tokens per Second": supervised / mean_elapsed,
             f"{self.prefix}/Data Wait Fraction": wait / elapsed,
         }
+        if flops > 0:
+            per_device = flops / mean_elapsed / world_size  # achieved model FLOP/s per device
+            metrics[f"{self.prefix}/Model TFLOPS per Device"] = per_device / 1e12
+            if self.peak_flops_per_device is not None:
+                metrics[f"{self.prefix}/MFU"] = per_device / self.peak_flops_per_device
+        if memory:
+            metrics[f"{self.prefix}/Peak Device Memory GiB"] = max(memory) / 2**30
+        return metrics
 
     def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
         """Window figures across ranks, then reset (its own small all-reduce; `reduce_metrics(action_metrics, self)`
@@ -230,6 +268,8 @@ class ThroughputMeter:
         self._tokens.zero_()
         self._window_start = self._window_end
         self._steps, self._samples, self._wait = 0, 0, 0.0
+        if self._track_memory:
+            torch.cuda.reset_peak_memory_stats(self.device)
 
 
 # === Progress bar ===

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from vla_train.config.model import ModelConfig, model_config_section
 from vla_train.config.train import RESUME_AUTO, TrainConfig, load_train_config, write_run_configs
 from vla_train.data.statistics import save_dataset_statistics
@@ -22,7 +20,7 @@ from vla_train.log import logger
 from vla_train.models.run_dir import CHECKPOINT_SUBDIR, find_run_dir, read_model_config
 from vla_train.training.checkpoint import CheckpointManager
 from vla_train.training.checkpoint_io import read_marker
-from vla_train.training.distributed import DistributedContext
+from vla_train.training.distributed import DistributedContext, broadcast_object
 from vla_train.training.run_lock import LOCK_NAME, RunDirectoryError, RunDirLock, acquire_run_lock
 
 # Settings a resume must share with the run it continues: the model, the data stream and the batch layout.
@@ -194,15 +192,6 @@ def _decide(cfg: TrainConfig, run_dir: Path, world_size: int) -> tuple[Path | No
     return resume_from, model
 
 
-def _broadcast_decision(decision: Any) -> Any:
-    """Rank 0's decision (a value or a `BaseException`) on every rank; collective."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        holder = [decision]
-        dist.broadcast_object_list(holder, src=0)
-        decision = holder[0]
-    return decision
-
-
 def prepare_run_dir(cfg: TrainConfig, ctx: DistributedContext, run_dir: Path) -> RunPlan:
     """Lock `run_dir` (rank 0), check it, the resume and the model against `cfg`; collective: call on every rank.
 
@@ -222,7 +211,7 @@ def prepare_run_dir(cfg: TrainConfig, ctx: DistributedContext, run_dir: Path) ->
                 decision = _decide(cfg, run_dir, ctx.world_size)
             except Exception as error:
                 decision = error
-    decision = _broadcast_decision(decision if ctx.is_main else None)
+    decision = broadcast_object(decision if ctx.is_main else None)  # rank 0 decides for all
     if isinstance(decision, BaseException):
         if plan is not None:
             plan.release(failed=True)

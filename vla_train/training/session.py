@@ -22,7 +22,7 @@ from vla_train.models.freezing import freeze_backbones
 from vla_train.models.run_dir import load_base_vlm, load_run_dir
 from vla_train.models.vlm import PrismaticVLM
 from vla_train.training.checkpoint import CheckpointManager
-from vla_train.training.distributed import DistributedContext, barrier, init_distributed, run_on_every_rank
+from vla_train.training.distributed import DistributedContext, init_distributed, run_on_every_rank
 from vla_train.training.optim import build_lr_scheduler, build_optimizer, num_training_steps, record_parameter_shapes
 from vla_train.training.parallelize import parallelize_vlm
 from vla_train.training.run_guard import RunPlan, prepare_run_dir, write_run_files
@@ -76,8 +76,9 @@ def build_dataset(cfg: TrainConfig, ctx: DistributedContext, vlm: PrismaticVLM,
         resize_resolution=tuple(vlm.vision_backbone.default_image_resolution[1:]),
         shuffle_buffer_size=cfg.vla.shuffle_buffer_size, image_aug=cfg.image_aug, seed=cfg.seed, rank=ctx.rank,
         world_size=ctx.world_size, deterministic=cfg.deterministic_data, registry_dirs=tuple(cfg.registry_dirs),
-        allow_missing_datasets=cfg.allow_missing_datasets)
-    return RLDSDataset(pipeline, transform, is_main_process=ctx.is_main, barrier=barrier)
+        allow_missing_datasets=cfg.allow_missing_datasets, statistics_cache_dir=cfg.statistics_cache_dir,
+        statistics_timeout_s=cfg.statistics_timeout_s, local_world_size=ctx.local_world_size)
+    return RLDSDataset(pipeline, transform, is_main_process=ctx.is_main)
 
 
 def build_session(cfg: TrainConfig) -> TrainingSession:

@@ -2,34 +2,60 @@
 
 Gradient accumulation is weighted by supervised tokens: every micro-batch's summed token loss is divided by the
 number of supervised tokens in the whole global batch (all ranks, all micro-batches), so the update equals that of
-one big batch whatever the padding. SIGTERM / SIGINT / SIGHUP / SIGUSR1 finish the current step, save (within a time
-budget, see `StopSignal`) and exit cleanly; every rank learns of a stop through one small CPU all-reduce per step (a
-gloo group: no device synchronisation).
+one big batch whatever the padding. Gradients stay sharded: FSDP2 reduce-scatters every micro-batch's gradient and
+accumulates it into the sharded `.grad` (no unsharded fp32 gradient lives across micro-batches). Between logging
+steps nothing waits for the device: the token count is a CPU all-reduce of counts taken from the CPU batches, and
+the grad norm stays a device tensor until a logging step. SIGTERM / SIGINT / SIGHUP / SIGUSR1 finish the current
+step, save (within a time budget, see `StopSignal`) and exit cleanly; every rank learns of a stop through one small
+CPU all-reduce per step (a gloo group: no device synchronisation).
 """
 
 import signal
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import draccus
 import torch
 import torch.distributed as dist
 
 from vla_train.log import logger
+from vla_train.training.distributed import DistributedContext, all_reduce
+from vla_train.training.flops import flops_model_for_vlm, resolve_peak_flops
 from vla_train.training.metrics import ActionMetrics, ProgressBar, ThroughputMeter, reduce_metrics
-from vla_train.training.session import TrainingSession
 from vla_train.training.trackers import make_trackers
 
+if TYPE_CHECKING:  # the session builds the data pipeline: not needed to import the loop
+    from vla_train.training.session import TrainingSession
+
 IGNORE_INDEX = -100
+LOSS_KEY = "VLA Train/Loss"
+# Called after each micro-batch's backward with (the CPU batch, its device inputs, the model output).
+MicroBatchHook = Callable[[dict[str, Any], dict[str, Any], Any], None]
 
 
 @dataclass
 class TrainResult:
+    """A run's outcome, of bounded size however long the run: the first and last logged loss and the last logged
+    metrics (identical on every rank), not every logged dict."""
+
     final_step: int
     stopped_by_signal: bool
-    logged: list[dict[str, float]] = field(default_factory=list)
+    first_loss: float | None = None
+    last_loss: float | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    num_logged: int = 0
+
+    def record(self, metrics: dict[str, float]) -> None:
+        """Keep what the summary and checkpoint names need from one logging step's metrics."""
+        self.last_metrics = metrics
+        self.num_logged += 1
+        loss = metrics.get(LOSS_KEY)
+        if loss is not None:
+            self.first_loss = loss if self.first_loss is None else self.first_loss
+            self.last_loss = loss
 
 
 # SIGHUP: an ssh hang-up (torchrun forwards it); SIGUSR1: the usual Slurm `--signal` pre-emption notice.
@@ -69,7 +95,7 @@ class StopSignal:
         elapsed = time.monotonic() - self.received_at if self.received_at is not None else 0.0
         flags = torch.tensor([float(self.received_at is not None), elapsed,
                               -1.0 if self.last_save_s is None else self.last_save_s], dtype=torch.float64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        flags = all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         requested, elapsed, last_save = bool(flags[0]), float(flags[1]), float(flags[2])
         if not requested:
             return StopDecision(stop=False, save=False)
@@ -78,6 +104,11 @@ class StopSignal:
         return StopDecision(stop=True, save=False, reason=(
             f"the last save took {last_save:.1f} s and {elapsed:.1f} s have passed since the signal, over the "
             f"{self.save_budget_s:g} s budget (--signal_save_budget_s)"))
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The gloo group of the per-step CPU collectives."""
+        return self._group
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -93,8 +124,39 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             "labels": batch["labels"].to(device, non_blocking=True), "pixel_values": pixels}
 
 
+def global_token_count(batches: Sequence[dict[str, Any]], group: dist.ProcessGroup | None = None) -> float:
+    """Supervised tokens of the global batch (every rank, every micro-batch). Counted on the CPU batches before they
+    move to the device and summed by a CPU all-reduce (`group` must be gloo): it never waits for the device."""
+    local = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))],
+                         dtype=torch.float64)
+    return all_reduce(local, group=group).item()
+
+
+def accumulate_gradients(model: torch.nn.Module, batches: Sequence[dict[str, Any]], ctx: DistributedContext, *,
+                         mixed_precision: bool, token_group: dist.ProcessGroup | None = None,
+                         on_micro_batch: MicroBatchHook | None = None) -> None:
+    """Forward and backward every micro-batch of one optimizer step on an FSDP2 model (collective).
+
+    Each micro-batch's summed token loss is divided by the global supervised-token count over the world size (FSDP
+    averages gradients over ranks), so the accumulated gradient is that of one big batch. Gradient sync stays on for
+    every micro-batch (torchtitan's choice): FSDP2 reduce-scatters each micro-batch's gradient and accumulates it into
+    the sharded `.grad`, so no unsharded gradient (fp32: 4 bytes per trainable parameter per rank) outlives a
+    micro-batch, at the cost of one reduce-scatter per micro-batch instead of per step.
+    """
+    tokens_per_rank = global_token_count(batches, token_group) / ctx.world_size
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=mixed_precision)
+    model.set_requires_gradient_sync(True)
+    for batch in batches:
+        inputs = _to_device(batch, ctx.device)
+        with autocast:
+            output = model(**inputs, num_items_in_batch=tokens_per_rank)
+        output.loss.backward()
+        if on_micro_batch is not None:
+            on_micro_batch(batch, inputs, output)
+
+
 class Trainer:
-    def __init__(self, session: TrainingSession) -> None:
+    def __init__(self, session: "TrainingSession") -> None:
         self.s = session
         cfg = session.cfg
         hparams = draccus.encode(cfg)  # the same content as config.json, as the reference logs it
@@ -102,32 +164,27 @@ class Trainer:
                                       cfg.wandb_entity, session.ctx.is_main, start_step=session.start_step)
         names = [spec.name for spec in session.dataset.plan.specs]
         self.metrics = ActionMetrics(session.action_tokenizer, names, session.vlm.num_patches, session.ctx.device)
-        self.throughput = ThroughputMeter(session.ctx.device)
+        self.throughput = ThroughputMeter(
+            session.ctx.device, flops_model=flops_model_for_vlm(session.vlm),
+            peak_flops_per_device=resolve_peak_flops(session.ctx.device, cfg.peak_device_tflops))
         self.progress = ProgressBar(session.total_steps, session.start_step, session.ctx.is_main)
         self.signal = StopSignal(cfg.signal_save_budget_s)
 
-    def _global_token_count(self, batches: list[dict[str, Any]]) -> torch.Tensor:
-        local = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))])
-        dist.all_reduce(local, group=self.signal._group)
-        return local
+    def _count(self, batch: dict[str, Any], inputs: dict[str, Any], output: Any) -> None:
+        """Metrics of one micro-batch, accumulated on the device (no sync)."""
+        labels = inputs["labels"]
+        self.metrics.accumulate(output.logits.detach(), labels, batch.get("dataset_names", []))
+        text_lengths = inputs["attention_mask"].sum(dim=1)
+        self.throughput.count(labels.shape[0], text_lengths.sum() + labels.shape[0] * self.s.vlm.num_patches,
+                              (labels[:, 1:] != IGNORE_INDEX).sum(), text_lengths=text_lengths)
 
-    def _train_step(self, data_iter) -> float:
+    def _train_step(self, data_iter: Iterator[dict[str, Any]]) -> torch.Tensor:
+        """One optimizer step; returns the grad norm as a device tensor (converted to float on logging steps only)."""
         s, cfg = self.s, self.s.cfg
         with self.throughput.waiting_for_data():
             batches = [next(data_iter) for _ in range(s.grad_accumulation_steps)]
-        tokens_per_rank = self._global_token_count(batches).item() / s.ctx.world_size
-        autocast = torch.autocast(s.ctx.device.type, dtype=torch.bfloat16,
-                                  enabled=cfg.vla.enable_mixed_precision_training)
-        for index, batch in enumerate(batches):
-            s.vlm.set_requires_gradient_sync(index == len(batches) - 1)
-            inputs = _to_device(batch, s.ctx.device)
-            with autocast:
-                output = s.vlm(**inputs, num_items_in_batch=tokens_per_rank)
-            output.loss.backward()
-            self.metrics.accumulate(output.logits.detach(), inputs["labels"], batch.get("dataset_names", []))
-            self.throughput.count(inputs["labels"].shape[0],
-                                  inputs["attention_mask"].sum() + inputs["labels"].shape[0] * s.vlm.num_patches,
-                                  (inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        accumulate_gradients(s.vlm, batches, s.ctx, mixed_precision=cfg.vla.enable_mixed_precision_training,
+                             token_group=self.signal.group, on_micro_batch=self._count)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in s.vlm.parameters() if p.requires_grad],
                                                    cfg.vla.max_grad_norm)
         s.optimizer.step()
@@ -151,7 +208,7 @@ class Trainer:
                 paused = cfg.stop_after_steps is not None and step - s.start_step >= cfg.stop_after_steps
                 last = step >= s.total_steps or stop.stop or paused
                 if step % cfg.log_interval == 0 or last:
-                    result.logged.append(self._log(step, epoch, grad_norm))
+                    result.record(self._log(step, epoch, grad_norm))
                 if (step % cfg.save_interval == 0 or last) and (stop.save or not stop.stop):
                     self._save(step, epoch, result)
                 if stop.stop or paused:
@@ -167,7 +224,7 @@ class Trainer:
     def _save(self, step: int, epoch: int, result: TrainResult) -> None:
         s = self.s
         started = time.monotonic()
-        loss = result.logged[-1].get("VLA Train/Loss") if result.logged else None
+        loss = result.last_metrics.get(LOSS_KEY)
         s.checkpoints.save(step, epoch, loss, model=s.vlm, optimizer=s.optimizer, scheduler=s.scheduler,
                            data_state=s.dataset.state_dict(), train_state={"step": step, "epoch": epoch})
         self.signal.last_save_s = time.monotonic() - started
@@ -183,7 +240,8 @@ class Trainer:
             logger.warning("Stopped (signal) after step %d WITHOUT saving: %s. --resume auto continues from %s.",
                            step, stop.reason, latest.name if latest else "the start (no checkpoint yet)")
 
-    def _log(self, step: int, epoch: int, grad_norm) -> dict[str, float]:
+    def _log(self, step: int, epoch: int, grad_norm: torch.Tensor) -> dict[str, float]:
+        """Reduce the window's metrics across ranks (collective; the one device sync of a window) and write them."""
         s = self.s
         metrics = reduce_metrics(self.metrics, self.throughput)
         metrics.update({"VLA Train/Step": step, "VLA Train/Epoch": epoch,
