@@ -40,6 +40,17 @@ def log_records(caplog):
 
 
 @pytest.fixture
+def process_group():
+    """A single-process default group (gloo on CPU) from the production `init_distributed`, destroyed after."""
+    from vla_train.training.distributed import destroy_distributed, init_distributed
+
+    assert not torch.distributed.is_initialized(), "a test left a default process group behind"
+    init_distributed(timeout_minutes=2)
+    yield
+    destroy_distributed()
+
+
+@pytest.fixture
 def rgb_image() -> Image.Image:
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8))

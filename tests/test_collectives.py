@@ -3,7 +3,6 @@ the device its group's backend takes (NCCL rejects CPU tensors that gloo accepts
 tensor at the call site). Checked statically over the source, and at run time in strict mode."""
 
 import ast
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from vla_train.training import distributed
-from vla_train.training.distributed import TENSOR_COLLECTIVES
+from vla_train.training.distributed import TENSOR_COLLECTIVES, free_port
 
 PACKAGE = Path(distributed.__file__).resolve().parents[1]
 ROUTER = Path(distributed.__file__).resolve()
@@ -52,18 +51,13 @@ def test_the_scan_finds_a_direct_call(tmp_path):
         module.unlink()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture
 def strict_group(monkeypatch):
     for name in TENSOR_COLLECTIVES:  # restored after the test
         monkeypatch.setattr(dist, name, getattr(dist, name))
     distributed.install_strict_collectives()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=timedelta(minutes=2))
     yield
     dist.destroy_process_group()

@@ -1,7 +1,6 @@
 """Token-weighted gradient accumulation: micro-batches scaled by the global supervised-token count give the gradient
 of one big batch, whatever the padding (what the trainer relies on through `num_items_in_batch`)."""
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from tests.conftest import batch_pixels, build_tiny
 from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.models.freezing import freeze_backbones
 from vla_train.models.vla_prompt import vla_training_ids
-from vla_train.training.distributed import DistributedContext
+from vla_train.training.distributed import DistributedContext, free_port
 from vla_train.training.parallelize import parallelize_vlm
 from vla_train.training.trainer import accumulate_gradients
 
@@ -58,11 +57,6 @@ def test_accumulated_micro_batches_equal_one_big_batch(rgb_image):
 MODEL_ID = "tiny-dinosiglip+tiny-llama"
 STAGE = "vla-train"  # frozen vision: the vision tower is bf16 under mixed precision
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _sharded_vla(ctx: DistributedContext, mixed_precision: bool):
@@ -119,8 +113,8 @@ def test_fsdp2_accumulation_keeps_gradients_sharded_and_matches_more_ranks(tmp_p
     (b) 1 rank x 2 micro-batches == 2 ranks x 1 micro-batch == 2 ranks x 2 micro-batches (of the doubled batch):
     bit for bit in fp32 and in bf16 compute alike, since the per-rank scaling (tokens / world size) and FSDP's
     average over ranks differ by powers of two only and the micro-batches' compute is identical."""
-    mp.spawn(_grad_worker, args=(1, str(tmp_path), _free_port(), rgb_image), nprocs=1, join=True)
-    mp.spawn(_grad_worker, args=(2, str(tmp_path), _free_port(), rgb_image), nprocs=2, join=True)
+    mp.spawn(_grad_worker, args=(1, str(tmp_path), free_port(), rgb_image), nprocs=1, join=True)
+    mp.spawn(_grad_worker, args=(2, str(tmp_path), free_port(), rgb_image), nprocs=2, join=True)
     one = torch.load(tmp_path / "world1-rank0.pt", weights_only=False)
     two = [torch.load(tmp_path / f"world2-rank{rank}.pt", weights_only=False) for rank in range(2)]
     for mixed in (False, True):

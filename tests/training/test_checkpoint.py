@@ -7,7 +7,6 @@ checkpointing) on gloo, saves after 2 steps, and checks that fresh processes res
 import json
 import os
 import random
-import socket
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from vla_train.training.checkpoint_io import (
     parse_checkpoint_name,
     split_module_state,
 )
+from vla_train.training.distributed import free_port
 
 MODEL_ID = "tiny-dinosiglip+tiny-llama"
 
@@ -364,11 +364,6 @@ def test_load_refuses_a_changed_world_size(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ two processes, FSDP2, gloo
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _sharded_tiny():
     """The tiny VLM with activation-checkpointed LLM layers and FSDP2 on LLM layers, vision blocks and the root."""
@@ -419,8 +414,8 @@ def _worker(rank: int, mode: str, root: str, port: int) -> None:
 
 @pytest.mark.timeout(600)
 def test_two_process_fsdp2_resume_is_exact(tmp_path):
-    mp.spawn(_worker, args=("save", str(tmp_path), _free_port()), nprocs=2, join=True)
-    mp.spawn(_worker, args=("resume", str(tmp_path), _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=("save", str(tmp_path), free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=("resume", str(tmp_path), free_port()), nprocs=2, join=True)
     saved = [torch.load(tmp_path / f"save-{rank}.pt", weights_only=False) for rank in range(2)]
     resumed = [torch.load(tmp_path / f"resume-{rank}.pt", weights_only=False) for rank in range(2)]
     loss0 = saved[0]["before"][-1]  # rank 0's local loss names the checkpoint (the ranks' losses differ)
@@ -472,7 +467,7 @@ def _failing_save_worker(rank: int, root: str, port: int) -> None:
 
 @pytest.mark.timeout(300)
 def test_a_save_failing_on_one_rank_raises_on_every_rank_and_cleans_up(tmp_path):
-    mp.spawn(_failing_save_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
+    mp.spawn(_failing_save_worker, args=(str(tmp_path), free_port()), nprocs=2, join=True)
     outcomes = [(tmp_path / f"outcome-{rank}.txt").read_text() for rank in range(2)]
     assert outcomes[1].startswith("OSError") and "No space left" in outcomes[1]
     assert outcomes[0].startswith("RuntimeError") and "Another rank failed while writing checkpoint" in outcomes[0]

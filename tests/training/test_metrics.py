@@ -4,7 +4,6 @@ import inspect
 import json
 import os
 import re
-import socket
 import tempfile
 from datetime import timedelta
 
@@ -19,6 +18,7 @@ from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.vlm import IGNORE_INDEX
 from vla_train.training import metrics as metrics_module
 from vla_train.training import trackers as trackers_module
+from vla_train.training.distributed import free_port
 from vla_train.training.flops import FlopsModel
 from vla_train.training.metrics import ActionMetrics, ProgressBar, ThroughputMeter, reduce_metrics
 from vla_train.training.trackers import JSONLinesTracker, make_trackers, wandb_run_id
@@ -158,11 +158,6 @@ def test_loss_matches_the_model_loss(rgb_image):
     assert set(got) == {"VLA Train/Loss", "VLA Train/Action Token Accuracy", "VLA Train/L1 Loss"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _rank_batches(rank: int):
     """Rank 0: two micro-batches, rank 1: one (uneven on purpose)."""
@@ -206,7 +201,7 @@ def _reduce_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_reduce_across_two_ranks_equals_concatenated_batches():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_reduce_worker, args=(_free_port(), out_dir), nprocs=2, join=True)
+        mp.spawn(_reduce_worker, args=(free_port(), out_dir), nprocs=2, join=True)
         results = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(2)]
     assert results[0] == results[1]
     got = results[0]

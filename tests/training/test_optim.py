@@ -1,12 +1,9 @@
 """Optimizer groups (also after activation checkpointing + FSDP2), step budget and LR schedules."""
 
 import math
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from tests.conftest import build_tiny
@@ -24,20 +21,6 @@ from vla_train.training.optim import (
 MODEL_ID = "tiny-dinosiglip+tiny-llama"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def gloo_group():
-    if dist.is_initialized():
-        pytest.skip("a default process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(minutes=2))
-    yield
-    dist.destroy_process_group()
 
 
 def _names(pairs):
@@ -76,7 +59,7 @@ def test_unknown_shape_is_a_clear_error():
         build_optimizer(model, 1e-4, 0.0, shapes)
 
 
-def test_split_identical_after_checkpointing_and_fully_shard(gloo_group):
+def test_split_identical_after_checkpointing_and_fully_shard(process_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor

@@ -1,12 +1,9 @@
 """parallelize_vlm on a 1-process gloo group: units composed from the backbones' declarations, activation
 checkpointing, meshes and placements per strategy, which units stay gathered after forward, state-dict keys."""
 
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -20,19 +17,6 @@ CPU_CONTEXT = DistributedContext(rank=0, world_size=1, local_rank=0, local_world
                                  backend="gloo")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def gloo_group():
-    assert not dist.is_initialized(), "a default process group already exists in this process"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(minutes=2))
-    yield
-    dist.destroy_process_group()
 
 
 def _batch(vlm) -> dict:
@@ -58,7 +42,7 @@ def _is_sharded(module: torch.nn.Module) -> bool:
     ("hybrid-shard", "hybrid-shard", (1, 1), (Replicate(), Shard(0)), True),
     ("hybrid-shard-grad-op", "hybrid-shard-grad-op", (1, 1), (Replicate(), Shard(0)), False),
 ])
-def test_units_placements_and_resharding(strategy, resolved, mesh_shape, placements, reshards, gloo_group,
+def test_units_placements_and_resharding(strategy, resolved, mesh_shape, placements, reshards, process_group,
                                          log_records):
     vlm = build_tiny(MODEL_ID)
     keys = list(vlm.state_dict())
@@ -90,7 +74,7 @@ def test_units_placements_and_resharding(strategy, resolved, mesh_shape, placeme
     assert all(p.grad is not None for p in layers[0].parameters())
 
 
-def test_checkpointing_follows_the_declared_containers_and_frozen_vision_is_bf16(gloo_group):
+def test_checkpointing_follows_the_declared_containers_and_frozen_vision_is_bf16(process_group):
     vlm = build_tiny(MODEL_ID)
     parallelize_vlm(vlm, CPU_CONTEXT, strategy="full-shard", stage="vla-train", checkpoint_vision_blocks=True,
                     activation_checkpointing=True)
@@ -106,7 +90,7 @@ def test_checkpointing_follows_the_declared_containers_and_frozen_vision_is_bf16
     assert {p.dtype for p in plain.parameters()} == {torch.float32}
 
 
-def test_parallelize_composes_what_the_backbones_declare(gloo_group, monkeypatch):
+def test_parallelize_composes_what_the_backbones_declare(process_group, monkeypatch):
     """A backbone that declares each featurizer as one unit (torchtitan's choice for a small encoder) gets exactly
     that: no per-block units, with nothing changed in parallelize."""
     vlm = build_tiny(MODEL_ID)

@@ -4,18 +4,8 @@ import os
 import signal
 
 import pytest
-import torch.distributed as dist
 
-from vla_train.training.distributed import destroy_distributed, init_distributed
 from vla_train.training.trainer import STOP_SIGNALS, StopSignal
-
-
-@pytest.fixture
-def process_group():
-    assert not dist.is_initialized(), "a test left a default process group behind"
-    init_distributed(timeout_minutes=2)
-    yield
-    destroy_distributed()
 
 
 def test_no_signal_means_no_stop(process_group):

@@ -6,27 +6,17 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
-import torch.distributed as dist
 
 from tests.conftest import build_tiny
 from tests.training.test_accumulation import _items
 from vla_train.config.train import TrainConfig
 from vla_train.models.freezing import freeze_backbones
 from vla_train.training import trainer as trainer_module
-from vla_train.training.distributed import DistributedContext, destroy_distributed, init_distributed
+from vla_train.training.distributed import DistributedContext
 from vla_train.training.entry import RunSummary, _print_summary
 from vla_train.training.parallelize import parallelize_vlm
 from vla_train.training.trainer import Trainer, TrainResult
-
-
-@pytest.fixture
-def process_group():
-    assert not dist.is_initialized(), "a test left a default process group behind"
-    init_distributed(timeout_minutes=2)
-    yield
-    destroy_distributed()
 
 
 class _GradNorm:

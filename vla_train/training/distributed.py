@@ -40,7 +40,8 @@ class DistributedContext:
         return max(1, self.world_size // self.local_world_size)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (a private single-process group; tests' rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -83,7 +84,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistributedContext:
             if world_size != 1:
                 raise ValueError(f"WORLD_SIZE={world_size} without MASTER_ADDR: launch multi-process runs with "
                                  "torchrun.")
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     timeout=timedelta(minutes=timeout_minutes))
     return DistributedContext(rank, world_size, local_rank, local_world_size, device, backend)
 
