@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,11 @@ def file_sizes(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, int]
     """`{relative path: size in bytes}` of every file below `directory` but the completion marker and `exclude`."""
     return {str(path.relative_to(directory)): path.stat().st_size for path in sorted(directory.rglob("*"))
             if path.is_file() and path.name not in (COMPLETE_MARKER, *exclude)}
+
+
+def utc_stamp() -> str:
+    """The current UTC time as `YYYYMMDDTHHMMSS`, for the names of backup files."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 
 
 def atomic_write_text(path: Path, text: str) -> None:

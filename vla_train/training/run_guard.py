@@ -19,7 +19,7 @@ from vla_train.data.statistics import save_dataset_statistics
 from vla_train.log import logger
 from vla_train.models.run_dir import CHECKPOINT_SUBDIR, find_run_dir, read_model_config
 from vla_train.training.checkpoint import CheckpointManager
-from vla_train.training.checkpoint_io import read_marker
+from vla_train.training.checkpoint_io import read_marker, utc_stamp
 from vla_train.training.distributed import DistributedContext, broadcast_object
 from vla_train.training.run_lock import LOCK_NAME, RunDirectoryError, RunDirLock, acquire_run_lock
 
@@ -220,8 +220,8 @@ def prepare_run_dir(cfg: TrainConfig, ctx: DistributedContext, run_dir: Path) ->
     if plan is None:
         plan = RunPlan(run_dir, resume_from, model)
     plan.resume_from, plan.model_config = resume_from, model
-    if ctx.is_main and cfg.overwrite and prior_work(run_dir):
-        logger.warning("--overwrite true: deleting the earlier run in %s (%s).", run_dir, ", ".join(prior_work(run_dir)))
+    if ctx.is_main and cfg.overwrite and (found := prior_work(run_dir)):
+        logger.warning("--overwrite true: deleting the earlier run in %s (%s).", run_dir, ", ".join(found))
         _clear_run_dir(run_dir)
     return plan
 
@@ -244,7 +244,7 @@ def write_run_files(cfg: TrainConfig, plan: RunPlan, statistics: dict[str, Any])
     try:
         write_run_configs(cfg, staging, model=plan.model_config)
         save_dataset_statistics(statistics, staging)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        stamp = utc_stamp()
         for name in RUN_FILES:
             _backup_if_changed(run_dir / name, (staging / name).read_text(), stamp)
             (staging / name).replace(run_dir / name)

@@ -11,7 +11,6 @@ import json
 import netrc
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +20,7 @@ import jsonlines
 
 from vla_train.config.train import TRACKERS
 from vla_train.log import logger
+from vla_train.training.checkpoint_io import atomic_write_text, utc_stamp
 from vla_train.training.distributed import is_rank_zero
 
 # === Trackers (rank 0 only) ===
@@ -55,11 +55,9 @@ class JSONLinesTracker:
         kept = [line for line in lines if not line.strip() or _logged_step(line) <= step]
         if len(kept) == len(lines):
             return
-        backup = path.with_name(f"{path.name}.before-resume-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+        backup = path.with_name(f"{path.name}.before-resume-{utc_stamp()}")
         shutil.copy2(path, backup)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
         logger.warning("Resuming at step %d: dropped %d metric lines of later steps from %s (backup: %s).", step,
                        len(lines) - len(kept), path.name, backup.name)
 
