@@ -41,7 +41,7 @@ def test_defaults_match_reference():
         Path("datasets/open-x-embodiment"), Path("runs"), None, True, None, None, None, None, 2500, False, 7,
         Path(".hf_token"), ("jsonl", "wandb"), "openvla", "stanford-voltron")
     assert (cfg.resume, cfg.keep_last_k, cfg.deterministic_data, cfg.registry_dirs, cfg.log_interval) == (
-        None, None, False, (), 10)
+        None, None, True, (), 10)  # deterministic by default: exact resume
     with pytest.raises(ValueError, match="Expected World Size = 64 but Found 8"):
         validate_train_config(cfg, 8)
 
@@ -179,3 +179,13 @@ def test_resume_reads_step_through_links(ckpt):
     with pytest.raises(ValueError, match=r"the file name has no 'step-XXXXXX-' to check --resume_step against\. "
                                          r"Fix: pass --is_resume false"):
         validate_train_config(tiny(pretrained_checkpoint=plain, resume_step=10, resume_epoch=1), 2)
+
+
+def test_negative_prefetch_depth_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="prefetch_batches = -1 is negative"):
+        validate_train_config(tiny(prefetch_batches=-1), 2)
+
+
+def test_unknown_save_consolidated_is_refused():
+    with pytest.raises(ValueError, match="save_consolidated = 'sometimes' is not one of"):
+        validate_train_config(tiny(save_consolidated="sometimes"), 2)

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from tests.e2e.conftest import REPO, assert_ok, step_losses, torchrun, torchrun_nodes, train_args
 from vla_train.config.train import load_train_config
+from vla_train.export.hf import find_checkpoint
 from vla_train.models.run_dir import load_base_vlm, load_run_dir
 from vla_train.models.vlm import ALL_MODULE_KEYS, PrismaticVLM
 
@@ -147,10 +148,14 @@ def test_hybrid_shard_replicates_across_two_nodes(demo_data, tmp_path):
 def test_resume_reproduces_a_straight_run_exactly(demo_data, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["--vla.max_steps", "6", "--vla.lr_scheduler_type", "linear-warmup+cosine-decay",
-              "--vla.warmup_ratio", "0.34"]
+              "--vla.warmup_ratio", "0.34", "--save_interval", "2"]  # async saves at steps 2 and 4 while training
     assert_ok(torchrun(train_args(demo_data, straight, *common)))
-    assert_ok(torchrun(train_args(demo_data, split, *common, "--stop_after_steps", "3")))
+    first = torchrun(train_args(demo_data, split, *common, "--stop_after_steps", "3"))
+    assert_ok(first)
+    assert "writing in the background" in first.stderr
     assert sorted(step_losses(split / RUN_ID)) == [1, 2, 3]
+    checkpoints = split / RUN_ID / "checkpoints"  # --save_consolidated end: a `.pt` for the last save only
+    assert sorted(p.name[:11] for p in checkpoints.glob("step-*")) == ["step-000002", "step-000003", "step-000003"]
     resumed = torchrun(train_args(demo_data, split, *common, "--resume", "auto"))
     assert_ok(resumed)
     assert "Resumed exactly from" in resumed.stderr
@@ -175,9 +180,11 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(demo_data, tmp_path):
     assert process.returncode == 0, output[-4000:]
     last_step = max(step_losses(run_dir))
     assert last_step < 500
-    saved = sorted((run_dir / "checkpoints").glob(f"step-{last_step:06d}-epoch-*.pt"))
-    assert len(saved) == 1 and (run_dir / "checkpoints" / "latest-checkpoint.pt").is_file()
-    assert torch.load(run_dir / "checkpoints" / "latest-checkpoint.pt", weights_only=True)["model"]
+    # a signal stop saves the sharded checkpoint only (--save_consolidated end: no `.pt` within the time budget)
+    saved = sorted((run_dir / "checkpoints").glob(f"step-{last_step:06d}-epoch-*"))
+    assert len(saved) == 1 and (saved[0] / "complete.json").is_file()
+    assert not (run_dir / "checkpoints" / "latest-checkpoint.pt").exists()
+    assert torch.load(find_checkpoint(run_dir), weights_only=True)["model"]  # export consolidates it
 
 
 def test_bad_configs_fail_before_any_work(demo_data, tmp_path):
@@ -239,7 +246,7 @@ def test_run_directory_safety_lock_sighup_budget_resume_and_refused_fresh_run(de
     assert process.returncode == 0, output[-4000:]
     assert "Received SIGHUP" in output and "WITHOUT saving" in output
     last_logged = max(_metric_steps(run_dir))
-    newest = max(int(p.name[5:11]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    newest = max(int(p.name[5:11]) for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
     assert newest < last_logged and newest % 2 == 0
     assert not (run_dir / "run.lock").exists()
 

@@ -14,6 +14,16 @@ def _names(vlm, prefix: str) -> set[str]:
     return {name for name, _ in vlm.named_parameters() if name.startswith(prefix)}
 
 
+def _unused_vision_names(vlm) -> set[str]:
+    """The never-run tail of each featurizer: last block, final norm and (SigLIP) attention pool."""
+    names = set()
+    for key, featurizer in zip(vlm.vision_backbone.keys, vlm.vision_backbone.featurizers, strict=True):
+        last = len(featurizer.blocks) - 1
+        prefix = f"vision_backbone.{vlm.vision_backbone.featurizer_name(key)}."
+        names |= _names(vlm, (f"{prefix}blocks.{last}.", f"{prefix}norm.", f"{prefix}attn_pool."))
+    return names
+
+
 def _last_layer_names(vlm) -> set[str]:
     last = len(vlm.llm_backbone.llm.model.layers) - 1
     prefixes = ("llm_backbone.llm.model.embed_tokens.", f"llm_backbone.llm.model.layers.{last}.",
@@ -25,7 +35,9 @@ def _last_layer_names(vlm) -> set[str]:
 @pytest.mark.parametrize("model_id", ["tiny-dinosiglip+tiny-llama", "tiny-dinosiglip+tiny-qwen25"])
 def test_trainable_sets_per_stage(model_id, stage, caplog):
     vlm = build_tiny(model_id)
-    vision, projector, llm = _names(vlm, "vision_backbone."), _names(vlm, "projector."), _names(vlm, "llm_backbone.")
+    unused = _unused_vision_names(vlm)
+    vision = _names(vlm, "vision_backbone.") - unused
+    projector, llm = _names(vlm, "projector."), _names(vlm, "llm_backbone.")
     last = _last_layer_names(vlm)
     expected = {
         "vla-full-train": vision | projector | llm,
@@ -43,6 +55,7 @@ def test_trainable_sets_per_stage(model_id, stage, caplog):
     assert "llm_backbone.llm.model.norm.weight" not in _trainable_names(vlm) or stage in (
         "vla-full-train", "full-finetune", "vla-train", "finetune")
     assert vlm.vision_backbone_requires_grad == (stage in ("vla-full-train", "full-finetune", "vla-sandwich-train"))
+    assert not unused & _trainable_names(vlm)
     total, trainable = count_parameters(vlm)
     assert f"{total / 1e6:.3f} total" in caplog.text and f"{trainable / 1e6:.3f} trainable" in caplog.text
 

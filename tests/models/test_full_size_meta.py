@@ -4,6 +4,7 @@ import torch
 
 from vla_train.config.model import get_model_config
 from vla_train.models.build import build_vlm
+from vla_train.models.freezing import count_parameters, freeze_backbones
 
 
 def vit_block(dim: int, mlp_hidden: int, layer_scale: bool) -> int:
@@ -23,10 +24,14 @@ def dinov2_vit_l_reg4_224() -> int:
     return patch_embed(dim, 14) + tokens + 24 * vit_block(dim, 4096, layer_scale=True) + 2 * dim
 
 
+def siglip_attention_pool(dim: int = 1152, hidden: int = 4304) -> int:
+    return dim + (dim * dim + dim) + (2 * dim * dim + 2 * dim) + (dim * dim + dim) + 2 * dim + (
+        dim * hidden + hidden + hidden * dim + dim)
+
+
 def siglip_so400m_224() -> int:
     dim, hidden, patches = 1152, 4304, (224 // 14) ** 2
-    attention_pool = dim + (dim * dim + dim) + (2 * dim * dim + 2 * dim) + (dim * dim + dim) + 2 * dim + (
-        dim * hidden + hidden + hidden * dim + dim)
+    attention_pool = siglip_attention_pool(dim, hidden)
     return patch_embed(dim, 14) + patches * dim + 27 * vit_block(dim, hidden, False) + 2 * dim + attention_pool
 
 
@@ -61,3 +66,17 @@ def test_siglip_224px_7b_and_minivla_bases_build_on_meta():
     assert v01.projector.projector[0].weight.shape == (4096, 1152)
     assert mini.projector.projector[4].weight.shape == (896, 896)
     assert mini.llm_backbone.llm.get_input_embeddings().weight.shape == (151936, 896)
+
+
+def test_openvla_7b_trainable_counts_leave_out_the_unused_vit_tail():
+    """The never-run last block and final norm of both ViTs and SigLIP's attention pool never train (43.08 M)."""
+    with torch.device("meta"):
+        vlm = build_vlm(get_model_config("prism-dinosiglip-224px+7b"))
+    unused = (vit_block(1024, 4096, True) + 2 * 1024) + (vit_block(1152, 4304, False) + 2 * 1152) + \
+        siglip_attention_pool()
+    assert unused == 43_080_480
+    total = 7_541_237_184
+    for stage, trainable in [("vla-full-train", total - unused), ("vla-sandwich-train", 1_267_348_928 - unused),
+                             ("vla-train", 6_810_325_504)]:
+        freeze_backbones(vlm, stage)
+        assert count_parameters(vlm) == (total, trainable)

@@ -29,6 +29,7 @@ from vla_train.training.checkpoint_io import (
     parse_checkpoint_name,
     split_module_state,
 )
+from vla_train.training.checkpoint_state import DATA, TRAIN_STATE, DictState, training_states
 from vla_train.training.distributed import free_port
 
 MODEL_ID = "tiny-dinosiglip+tiny-llama"
@@ -81,9 +82,35 @@ def _fake_checkpoint(checkpoint_dir: Path, name: str, complete: bool = True) -> 
     return path
 
 
-def _save(manager, vlm, optimizer, scheduler, step: int, loss: float | None = 1.0) -> Path:
-    return manager.save(step, 0, loss, model=vlm, optimizer=optimizer, scheduler=scheduler,
-                        data_state={"frames_yielded": step}, train_state={"tokens_seen": 10 * step})
+class _DataStream:
+    """A data stream's position (the session exposes an object with `state_dict()` / `load_state_dict()`)."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        self.state = dict(state or {})
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+def _states(vlm, optimizer, scheduler, data: dict | None = None, train_state: dict | None = None):
+    states, per_rank = training_states(vlm, optimizer, scheduler, _DataStream(data))
+    states[TRAIN_STATE] = DictState(train_state)
+    return states, per_rank
+
+
+def _save(manager, vlm, optimizer, scheduler, step: int, loss: float | None = 1.0, **options) -> Path:
+    states, per_rank = _states(vlm, optimizer, scheduler, {"frames_yielded": step}, {"tokens_seen": 10 * step})
+    return manager.save(step, 0, loss, states, per_rank, **options)
+
+
+def _load(manager, path, vlm, optimizer, scheduler) -> tuple[dict, dict]:
+    """(train state, data state) after loading `path` into the model, optimizer and scheduler."""
+    states, per_rank = _states(vlm, optimizer, scheduler)
+    train_state = manager.load(path, states, per_rank)
+    return train_state, per_rank[DATA].obj.state
 
 
 # ------------------------------------------------------------------------------------------------- names, discovery
@@ -164,7 +191,7 @@ def test_single_process_round_trip_restores_everything(tmp_path, frozen_vision):
     fresh = prepare(build_tiny(MODEL_ID))
     fresh_optimizer, fresh_scheduler = _optimizer_and_scheduler(fresh)
     _seed_all(99)
-    train_state, data_state = manager.load(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    train_state, data_state = _load(manager, path, fresh, fresh_optimizer, fresh_scheduler)
     assert train_state == {"tokens_seen": 10, "step": 1, "epoch": 0, "loss": None}
     assert data_state == {"frames_yielded": 1}
     assert _draw() == expected_draw
@@ -196,7 +223,7 @@ def test_save_before_the_first_step_changes_nothing(tmp_path):
 
     fresh = build_tiny(MODEL_ID)
     fresh_optimizer, fresh_scheduler = _optimizer_and_scheduler(fresh)
-    manager.load(consolidated_path(path), model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    _load(manager, consolidated_path(path), fresh, fresh_optimizer, fresh_scheduler)
     assert not fresh_optimizer.state
     _seed_all(5)
     assert [_train_step(fresh, fresh_optimizer, fresh_scheduler) for _ in range(2)] == expected
@@ -360,7 +387,7 @@ def test_load_refuses_a_changed_world_size(tmp_path):
     marker = json.loads((path / COMPLETE_MARKER).read_text())
     (path / COMPLETE_MARKER).write_text(json.dumps({**marker, "world_size": 4}))
     with pytest.raises(ValueError, match="saved by 4 ranks, this run has 1"):
-        CheckpointManager(tmp_path).load(path, model=vlm, optimizer=optimizer, scheduler=scheduler)
+        _load(CheckpointManager(tmp_path), path, vlm, optimizer, scheduler)
 
 
 # ------------------------------------------------------------------------------------------ two processes, FSDP2, gloo
@@ -399,12 +426,12 @@ def _worker(rank: int, mode: str, root: str, port: int) -> None:
         result: dict = {}
         if mode == "save":
             result["before"] = [_train_step(vlm, optimizer, scheduler) for _ in range(2)]
-            result["path"] = str(manager.save(2, 0, result["before"][-1], model=vlm, optimizer=optimizer,
-                                              scheduler=scheduler, data_state={"rank": rank, "frames_yielded": 2},
-                                              train_state={"tokens_seen": 24}))
+            states, per_rank = _states(vlm, optimizer, scheduler, {"rank": rank, "frames_yielded": 2},
+                                       {"tokens_seen": 24})
+            result["path"] = str(manager.save(2, 0, result["before"][-1], states, per_rank))
         else:
-            result["train_state"], result["data_state"] = manager.load(
-                manager.find(2, 0), model=vlm, optimizer=optimizer, scheduler=scheduler)
+            result["train_state"], result["data_state"] = _load(manager, manager.find(2, 0), vlm, optimizer,
+                                                                 scheduler)
         result["draw"] = _draw()
         result["losses"] = [_train_step(vlm, optimizer, scheduler) for _ in range(2)]
         torch.save(result, Path(root) / f"{mode}-{rank}.pt")
@@ -439,7 +466,7 @@ def test_two_process_fsdp2_resume_is_exact(tmp_path):
     vlm = build_tiny(MODEL_ID)
     optimizer, scheduler = _optimizer_and_scheduler(vlm)
     with pytest.raises(ValueError, match="saved by 2 ranks, this run has 1"):
-        CheckpointManager(tmp_path / "run").load(path, model=vlm, optimizer=optimizer, scheduler=scheduler)
+        _load(CheckpointManager(tmp_path / "run"), path, vlm, optimizer, scheduler)
 
 
 def _failing_save_worker(rank: int, root: str, port: int) -> None:

@@ -55,17 +55,18 @@ def test_tiny_full_training_matches_the_hand_count():
     # Everything trains: 3x forward everywhere.
     assert model.num_patches == 64
     assert model.per_sample == 3 * parts["vision"] + 3 * parts["projector"] == 38_750_976
-    assert model.per_token == 3 * (2 * parts["layer"] + parts["head"]) == 663_552
+    assert model.per_token == 3 * 2 * parts["layer"] == 442_368
+    assert model.per_supervised_token == 3 * parts["head"] == 221_184  # logits only where a label is supervised
     assert model.per_token_pair == 3 * 2 * parts["attention"] == 1_536
-    text = 20  # S = 20 + 64 = 84 positions
-    assert model.sample_flops(text) == 38_750_976 + 663_552 * 84 + 1_536 * 84 ** 2
+    text, supervised = 20, 8  # S = 20 + 64 = 84 positions, 8 of them supervised
+    assert model.sample_flops(text, supervised) == 38_750_976 + 442_368 * 84 + 1_536 * 84 ** 2 + 221_184 * 8
 
 
 def test_frozen_vision_costs_its_forward_only():
     parts = _tiny_forward_parts()
     model = flops_model_for_vlm(_tiny("vla-train"))  # vision frozen; projector and LLM train
     assert model.per_sample == 1 * parts["vision"] + 3 * parts["projector"]
-    assert model.per_token == 3 * (2 * parts["layer"] + parts["head"])
+    assert model.per_token == 3 * 2 * parts["layer"] and model.per_supervised_token == 3 * parts["head"]
 
 
 def test_last_layer_stage_frozen_layers_cost_forward_plus_input_gradient():
@@ -74,7 +75,8 @@ def test_last_layer_stage_frozen_layers_cost_forward_plus_input_gradient():
     # Vision and projector frozen, nothing before them trains: 1x. LLM: embeddings train (input gradients flow), so
     # frozen layer 0 costs 2x, the last layer and the head 3x; attention 3x wherever gradients pass.
     assert model.per_sample == parts["vision"] + parts["projector"]
-    assert model.per_token == 2 * parts["layer"] + 3 * parts["layer"] + 3 * parts["head"]
+    assert model.per_token == 2 * parts["layer"] + 3 * parts["layer"]
+    assert model.per_supervised_token == 3 * parts["head"]
     assert model.per_token_pair == 3 * 2 * parts["attention"]
 
 
@@ -85,6 +87,9 @@ def test_batch_flops_is_the_sum_of_sample_flops_on_device_dtype():
     assert got.dtype == torch.float64 and got.ndim == 0
     assert got.item() == model.sample_flops(3) + model.sample_flops(5) + model.sample_flops(0)
     assert model.sample_flops(3) == 1e6 + 1e3 * 7 + 10 * 49
+    with_head = FlopsModel(per_sample=1e6, per_token=1e3, per_token_pair=10.0, num_patches=4, per_supervised_token=5.0)
+    assert with_head.batch_flops(lengths, torch.tensor(6)).item() == got.item() + 5.0 * 6
+    assert with_head.sample_flops(3, 2) == model.sample_flops(3) + 10.0
 
 
 @pytest.mark.parametrize("model_id", [TINY, "tiny-dinosiglip+tiny-qwen25", "prism-dinosiglip-224px+7b",
@@ -124,7 +129,9 @@ def test_7b_openvla_is_6_n_tokens_plus_attention():
     model = flops_model_for_vlm(vlm)
     text, positions = 30, 30 + 256
     llm = vlm.llm_backbone.llm
-    llm_ref = 6 * _params(llm.model.layers, llm.lm_head) * positions + 12 * 32 * 4096 * positions ** 2
+    supervised = 8  # the output head runs at the supervised positions only
+    llm_ref = (6 * _params(llm.model.layers) * positions + 6 * _params(llm.lm_head) * supervised
+               + 12 * 32 * 4096 * positions ** 2)
     vision_ref = 0
     for vit in vlm.vision_backbone.featurizers:
         used = len(vit.blocks) - 1
@@ -132,7 +139,7 @@ def test_7b_openvla_is_6_n_tokens_plus_attention():
         vision_ref += 6 * _params(*vit.blocks[:used]) * tokens + 12 * used * vit.embed_dim * tokens ** 2
         vision_ref += 6 * _params(vit.patch_embed) * 256
     reference = llm_ref + vision_ref + 6 * _params(vlm.projector) * 256
-    got = model.sample_flops(text)
+    got = model.sample_flops(text, supervised)
     assert got == pytest.approx(reference, rel=1e-3)
     assert got == pytest.approx(6 * _params(vlm) * positions, rel=0.05)
     assert 1.2e13 < got < 1.4e13  # ~13 TFLOPs per OpenVLA training sample

@@ -26,7 +26,7 @@ from vla_train.training.trackers import JSONLinesTracker, make_trackers, wandb_r
 VOCAB, PATCHES, LENGTH = 300, 3, 12
 MIXTURE = ["bridge", "fractal", "libero", "unused"]
 # Per sample: 1e6 + 1e3 S + 10 S^2 FLOPs, S = text tokens + 4 patches.
-FLOPS = FlopsModel(per_sample=1e6, per_token=1e3, per_token_pair=10.0, num_patches=4)
+FLOPS = FlopsModel(per_sample=1e6, per_token=1e3, per_token_pair=10.0, num_patches=4, per_supervised_token=50.0)
 PEAK = 1e9  # FLOP/s per device
 
 
@@ -115,9 +115,37 @@ def test_action_metrics_errors():
         meter.accumulate(logits[:, 1:], labels)
 
 
+def _supervised(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the training forward returns: logits `[N, V]` at the supervised positions, their targets and rows."""
+    rows, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return logits[rows, PATCHES + positions], labels[rows, positions + 1], rows
+
+
+def test_supervised_logits_give_exactly_the_full_logits_metrics():
+    dense, sparse = ActionMetrics(_tokenizer(), MIXTURE, PATCHES), ActionMetrics(_tokenizer(), MIXTURE, PATCHES)
+    for seed, names in ((0, [b"bridge", b"fractal", b"bridge", b"libero"]), (1, [b"fractal", b"libero", b"libero"])):
+        logits, labels = _batch(seed, batch=len(names))
+        dense.accumulate(logits, labels, names)
+        sparse_logits, targets, rows = _supervised(logits, labels)
+        assert sparse_logits.shape == ((labels[:, 1:] != IGNORE_INDEX).sum(), VOCAB) == (8 * len(names), VOCAB)
+        sparse.accumulate_supervised(sparse_logits, targets, rows, len(names), names)
+    expected = dense.reduce()
+    assert sparse.reduce() == expected and len(expected) == 12  # 4 groups x (loss, accuracy, L1)
+
+
+def test_accumulate_supervised_errors():
+    meter = ActionMetrics(_tokenizer(), MIXTURE, PATCHES)
+    logits, targets, rows = _supervised(*_batch(0))
+    with pytest.raises(ValueError, match=r"Supervised logits \(32, 300\) need labels and rows of shape \(32,\)"):
+        meter.accumulate_supervised(logits, targets[1:], rows, 4)
+    with pytest.raises(ValueError, match="Got 3 dataset names for a batch of 4"):
+        meter.accumulate_supervised(logits, targets, rows, 4, [b"bridge"] * 3)
+
+
 def test_accumulate_never_syncs(monkeypatch):
     """No host read of a tensor in the accumulation path: inspection plus every host-read method made to raise."""
-    for fn in (ActionMetrics.accumulate, ActionMetrics._decode, ThroughputMeter.count, FlopsModel.batch_flops):
+    for fn in (ActionMetrics.accumulate, ActionMetrics.accumulate_supervised, ActionMetrics.accumulate_output,
+               ActionMetrics._add_tokens, ActionMetrics._decode, ThroughputMeter.count, FlopsModel.batch_flops):
         source = inspect.getsource(fn)
         for forbidden in (r"\.item\(", r"\.cpu\(", r"\.numpy\(", r"\.tolist\(", r"(?<![.\w])(float|int|bool)\("):
             assert not re.search(forbidden, source), (fn.__name__, forbidden)
@@ -130,6 +158,7 @@ def test_accumulate_never_syncs(monkeypatch):
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, boom)
     meter.accumulate(logits, labels, [b"bridge"] * 4)
+    meter.accumulate_supervised(*_supervised(logits, labels), 4, [b"bridge"] * 4)
     throughput.count(4, (labels != IGNORE_INDEX).sum() + 0, (labels != IGNORE_INDEX).sum(),
                      text_lengths=(labels != IGNORE_INDEX).sum(dim=1))
     monkeypatch.undo()
@@ -156,6 +185,13 @@ def test_loss_matches_the_model_loss(rgb_image):
     got = meter.reduce()
     assert got["VLA Train/Loss"] == pytest.approx(out.loss.item(), rel=1e-5)
     assert set(got) == {"VLA Train/Loss", "VLA Train/Action Token Accuracy", "VLA Train/L1 Loss"}
+    with torch.no_grad():  # training output: logits at the 16 supervised positions only, same metrics
+        sparse = vlm.train()(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
+                             labels=labels)
+    assert sparse.logits.shape == (16, vlm.llm_backbone.llm.config.vocab_size)
+    meter.accumulate_output(sparse, labels, [])
+    assert meter.reduce() == pytest.approx(got, rel=1e-6)
+    assert sparse.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
 
 
 
@@ -221,7 +257,8 @@ def test_reduce_across_two_ranks_equals_concatenated_batches():
         "VLA Train/Samples per Second"] == pytest.approx(8)
     # MFU x peak x world size / samples per second = FLOPs per sample (every sample has LENGTH text tokens)
     mfu = throughput["VLA Train/MFU"]
-    assert mfu * PEAK * 2 / throughput["VLA Train/Samples per Second"] == pytest.approx(FLOPS.sample_flops(LENGTH))
+    assert mfu * PEAK * 2 / throughput["VLA Train/Samples per Second"] == pytest.approx(
+        FLOPS.sample_flops(LENGTH, 8))
     assert throughput["VLA Train/Model TFLOPS per Device"] == pytest.approx(mfu * PEAK / 1e12)
     assert throughput["VLA Train/Peak Device Memory GiB"] == 2.0  # the max over ranks, in the same all-reduce
 
@@ -255,8 +292,8 @@ def test_mfu_equals_the_hand_formula(monkeypatch):
     meter.count(1, torch.tensor(10), torch.tensor(2), text_lengths=torch.tensor([6]))  # S = 10
     meter.step()
     got = reduce_metrics(meter)  # window ends at 4.0
-    flops = (3 * 1e6) + 1e3 * (7 + 9 + 10) + 10.0 * (7**2 + 9**2 + 10**2)  # = 3_028_300
-    assert flops == 3_028_300
+    flops = (3 * 1e6) + 1e3 * (7 + 9 + 10) + 10.0 * (7**2 + 9**2 + 10**2) + 50.0 * (4 + 2)  # head: 6 supervised
+    assert flops == 3_028_600
     assert got["VLA Train/Model TFLOPS per Device"] == pytest.approx(flops / 4.0 / 1e12)
     assert got["VLA Train/MFU"] == pytest.approx(flops / 4.0 / PEAK)  # 0.000757...
     assert "VLA Train/Peak Device Memory GiB" not in got  # CPU: no memory figure

@@ -56,7 +56,8 @@ def test_units_placements_and_resharding(strategy, resolved, mesh_shape, placeme
     layers = list(vlm.llm_backbone.llm.model.layers)
     assert all(isinstance(layer, CheckpointWrapper) for layer in layers)
     assert not any(isinstance(block, CheckpointWrapper) for block in blocks)  # checkpoint_vision_blocks=False
-    units = [*blocks, *featurizers, vlm.projector, *layers, vlm]
+    tails = [m for m in vlm.vision_backbone.unused_modules() if m not in blocks]  # never-called units of their own
+    units = [*blocks, *tails, *featurizers, vlm.projector, *layers, vlm]
     assert all(isinstance(unit, FSDPModule) for unit in units)
     assert sum(isinstance(m, FSDPModule) for m in vlm.modules()) == len(units)  # no other units
     for param in vlm.parameters():
@@ -107,7 +108,7 @@ def test_backbones_declare_units_in_forward_order():
     vlm = build_tiny(MODEL_ID)
     vision, llm = vlm.vision_backbone, vlm.llm_backbone
     dino, siglip = vision.featurizers
-    assert vision.fsdp_units() == [*dino.blocks, dino, *siglip.blocks, siglip]
+    assert vision.fsdp_units() == [*dino.blocks, dino.norm, dino, *siglip.blocks, siglip.norm, siglip.attn_pool, siglip]
     assert vision.activation_checkpoint_containers() == [dino.blocks, siglip.blocks]
     assert llm.fsdp_units() == list(llm.llm.model.layers) and len(llm.fsdp_units()) == 2
     assert llm.activation_checkpoint_containers() == [llm.llm.model.layers]

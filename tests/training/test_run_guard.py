@@ -15,10 +15,12 @@ import torch
 
 from tests.conftest import build_tiny
 from vla_train.config.model import get_model_config, model_config_section
-from vla_train.config.train import TrainConfig, write_run_configs
+from vla_train.config.train import TrainConfig, validate_train_config, write_run_configs
 from vla_train.config.vla import TinyTest
-from vla_train.models.run_dir import read_model_config, save_base_vlm
+from vla_train.models.run_dir import load_run_dir, read_model_config, save_base_vlm
 from vla_train.training.checkpoint import CheckpointManager
+from vla_train.training.checkpoint_io import consolidated_path
+from vla_train.training.checkpoint_state import ModelState
 from vla_train.training.distributed import DistributedContext
 from vla_train.training.run_guard import RunDirectoryError, prepare_run_dir, write_run_files
 from vla_train.training.run_lock import LOCK_NAME, acquire_run_lock
@@ -148,8 +150,7 @@ def test_a_resume_with_another_world_size_is_refused_before_any_write(tmp_path):
     cfg = tiny(tmp_path)
     write_run_configs(cfg, run_dir)
     vlm = build_tiny("tiny-dinosiglip+tiny-llama")
-    checkpoint = CheckpointManager(run_dir).save(2, 0, 1.0, model=vlm, optimizer=None, scheduler=None, data_state={},
-                                                 train_state={})
+    checkpoint = CheckpointManager(run_dir).save(2, 0, 1.0, {"model": ModelState(vlm)})
     marker = json.loads((checkpoint / "complete.json").read_text())
     assert marker["world_size"] == 1  # saved by one process; this run has two
     with pytest.raises(RunDirectoryError, match="world size: 1 ranks saved step-000002.*, 2 now"):
@@ -157,6 +158,37 @@ def test_a_resume_with_another_world_size_is_refused_before_any_write(tmp_path):
     plan = prepare_run_dir(tiny(tmp_path, resume="auto"), dataclasses.replace(CTX, world_size=1), run_dir)
     assert plan.resume_from == checkpoint
     plan.release()
+
+
+def test_a_resume_with_another_model_is_refused_before_the_model_is_built(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run_configs(tiny(tmp_path), run_dir)
+    manager = CheckpointManager(run_dir, model_id="tiny-siglip+tiny-llama")  # what the marker records
+    checkpoint = manager.save(2, 0, 1.0, {"model": ModelState(build_tiny("tiny-siglip+tiny-llama"))})
+    assert json.loads((checkpoint / "complete.json").read_text())["model_id"] == "tiny-siglip+tiny-llama"
+    expected = (r"model: tiny-siglip\+tiny-llama saved step-000002-epoch-00-loss=1.0000, tiny-dinosiglip\+tiny-llama "
+                r"now \(--vla.base_vlm tiny-dinosiglip\+tiny-llama\).*Fix: resume with the saved settings")
+    with pytest.raises(RunDirectoryError, match=f"(?s){expected}"):
+        prepare_run_dir(tiny(tmp_path, resume=str(checkpoint)), dataclasses.replace(CTX, world_size=1), run_dir)
+    assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_resume_and_fine_tuning_from_a_checkpoint_without_its_pt(tmp_path):
+    source = _base_run(tmp_path, "tiny-siglip+tiny-llama")
+    vlm = build_tiny("tiny-siglip+tiny-llama")
+    torch.nn.init.normal_(vlm.projector.projector[0].weight)  # not the base weights
+    checkpoint = CheckpointManager(source, save_consolidated="never").save(3, 0, 1.0, {"model": ModelState(vlm)})
+    pt = consolidated_path(checkpoint)
+    assert not pt.exists()
+    for given in (checkpoint, pt):  # the directory, or the `.pt` name the checkpoint would have had
+        validate_train_config(tiny(tmp_path, pretrained_checkpoint=given, is_resume=False), 2)
+        validate_train_config(tiny(tmp_path, pretrained_checkpoint=given, resume_step=3, resume_epoch=0), 2)
+    cfg = tiny(tmp_path, pretrained_checkpoint=checkpoint, is_resume=False)
+    plan = prepare_run_dir(cfg, CTX, tmp_path / "tuned")
+    plan.release()
+    assert cfg.pretrained_checkpoint == pt and pt.is_file()  # consolidated before the model is built
+    loaded = load_run_dir(source, checkpoint=cfg.pretrained_checkpoint)
+    assert torch.equal(loaded.projector.projector[0].weight, vlm.projector.projector[0].weight)
 
 
 # --------------------------------------------------------------------------------------- fine-tuning, recorded model

@@ -30,21 +30,34 @@ class _GradNorm:
         return 1.0
 
 
-def _session(tmp_path, total_steps: int, log_interval: int, saves: list) -> SimpleNamespace:
+class _Loader(list):
+    """The session's batches (the stub step never draws one); records that the run stopped its prefetch thread."""
+
+    def __init__(self, closed: list) -> None:
+        super().__init__()
+        self.closed = closed
+
+    def close(self) -> None:
+        self.closed.append(True)
+
+
+def _session(tmp_path, total_steps: int, log_interval: int, saves: list, closed: list) -> SimpleNamespace:
     cfg = TrainConfig(trackers=(), log_interval=log_interval, save_interval=10**9)
     action_tokenizer = SimpleNamespace(action_token_begin_idx=10, vocab_end=20, bin_centers=np.zeros(8))
     return SimpleNamespace(
         cfg=cfg, run_id="stub", run_dir=tmp_path, ctx=SimpleNamespace(is_main=False, device=torch.device("cpu")),
         start_step=0, start_epoch=0, total_steps=total_steps, steps_per_epoch=1000, grad_accumulation_steps=1,
         dataset=SimpleNamespace(plan=SimpleNamespace(specs=[]), state_dict=dict),
-        vlm=SimpleNamespace(num_patches=4, train=lambda: None), action_tokenizer=action_tokenizer, loader=[],
+        vlm=SimpleNamespace(num_patches=4, train=lambda: None), action_tokenizer=action_tokenizer,
+        loader=_Loader(closed),
         optimizer=None, scheduler=SimpleNamespace(get_last_lr=lambda: [1e-4]),
-        checkpoints=SimpleNamespace(save=lambda step, epoch, loss, **_: saves.append((step, loss))))
+        checkpoints=SimpleNamespace(save=lambda step, epoch, loss, *_, **__: saves.append((step, loss)),
+                                    wait=lambda: None, close=lambda: None, last_save_s=None))
 
 
 def _run(monkeypatch, tmp_path, total_steps: int, log_interval: int) -> tuple[TrainResult, dict[str, list]]:
     """Run the real loop with a stub step; returns the result and the steps that reduced, converted, saved."""
-    seen: dict[str, list] = {"steps": [], "reduced": [], "converted": [], "saved": []}
+    seen: dict[str, list] = {"steps": [], "reduced": [], "converted": [], "saved": [], "loader_closed": []}
 
     def step(self, data_iter) -> _GradNorm:
         seen["steps"].append(len(seen["steps"]) + 1)
@@ -57,7 +70,7 @@ def _run(monkeypatch, tmp_path, total_steps: int, log_interval: int) -> tuple[Tr
     monkeypatch.setattr(Trainer, "_train_step", step)
     monkeypatch.setattr(trainer_module, "reduce_metrics", reduce)
     monkeypatch.setattr(trainer_module, "flops_model_for_vlm", lambda vlm: None)  # the stub session has no model
-    trainer = Trainer(_session(tmp_path, total_steps, log_interval, seen["saved"]))
+    trainer = Trainer(_session(tmp_path, total_steps, log_interval, seen["saved"], seen["loader_closed"]))
     try:
         return trainer.run(), seen
     finally:
@@ -72,6 +85,7 @@ def test_metrics_are_reduced_and_the_grad_norm_read_on_logging_steps_only(proces
     assert (result.final_step, result.num_logged, result.first_loss, result.last_loss) == (95, 10, 9.0, 0.0)
     assert result.last_metrics["VLA Train/Step"] == 95 and result.last_metrics["VLA Train/Grad Norm"] == 1.0
     assert seen["saved"] == [(95, 0.0)]  # the checkpoint is named by the last logged loss
+    assert seen["loader_closed"] == [True]  # the prefetch thread is stopped when the loop ends
 
 
 def test_the_result_stays_bounded_however_many_steps_are_logged(process_group, monkeypatch, tmp_path):
@@ -119,7 +133,7 @@ def test_a_real_step_reads_nothing_back_but_the_cpu_token_count(process_group, m
     freeze_backbones(vlm, "vla-train")
     ctx = DistributedContext(0, 1, 0, 1, torch.device("cpu"), "gloo")
     parallelize_vlm(vlm, ctx, strategy="full-shard", stage="vla-train")
-    session = _session(tmp_path, total_steps=2, log_interval=10, saves=[])
+    session = _session(tmp_path, total_steps=2, log_interval=10, saves=[], closed=[])
     session.vlm, session.ctx, session.grad_accumulation_steps = vlm, ctx, 2
     session.optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-3)
     session.scheduler = torch.optim.lr_scheduler.LambdaLR(session.optimizer, lambda _: 1.0)

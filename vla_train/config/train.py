@@ -26,6 +26,7 @@ from vla_train.config.vla import Exp_DinoSigLIP_224px_OXE_Magic_Soup_Plus, VLACo
 
 TRACKERS = ("jsonl", "wandb")
 RESUME_AUTO = "auto"
+SAVE_CONSOLIDATED = ("end", "every", "never")  # when the FP32 consolidated `.pt` is written
 # draccus reads a `str | Path` back as str; this first line of config.yaml records that hf_token was a Path.
 HF_TOKEN_PATH_MARK = "# hf_token is a file path"
 HF_TOKEN_ENV_MARK = "# hf_token is the name of an environment variable"
@@ -60,7 +61,8 @@ class TrainConfig:
 
     resume: str | None = None  # "auto" = newest complete checkpoint of this run's directory, or a checkpoint path
     keep_last_k: int | None = None  # keep only the newest k checkpoints (None: keep all)
-    deterministic_data: bool = False  # the data stream is a pure function of (seed, rank, world size)
+    deterministic_data: bool = True  # ordered stream, pure function of (seed, rank, world size): exact resume
+    prefetch_batches: int = 2  # batches transformed + collated ahead by a background thread (0: synchronous)
     registry_dirs: tuple[Path, ...] = ()  # extra directories of dataset/mixture YAML (added to rlds_mixtures/)
     log_interval: int = 10  # steps between metric reductions (each one waits for the device) and log lines
     stop_after_steps: int | None = None  # end this invocation after N steps with a checkpoint (time-limited jobs)
@@ -72,6 +74,13 @@ class TrainConfig:
     # After SIGTERM / SIGINT / SIGHUP / SIGUSR1, save only if the last save's duration fits in this many seconds from
     # the signal (torchrun SIGKILLs its workers --shutdown-timeout, default 30 s, after forwarding one); None: always
     signal_save_budget_s: float | None = 25.0
+    # Periodic checkpoints: stage the state to CPU memory, write the shards in the background while training goes on
+    # (committed once every rank finished; at most one save in flight). The run's last save is always synchronous.
+    async_checkpoint: bool = True
+    # When to also write the FP32 consolidated `step-....pt` (+ latest-checkpoint.pt, a rank-0 gather of the full
+    # model): "end" (the run's last save: end of training or stop_after_steps; not a signal stop), "every" save, or
+    # "never". Export, --resume and --pretrained_checkpoint consolidate a checkpoint without one on demand.
+    save_consolidated: str = "end"
 
 
 def resolve_run_id(cfg: TrainConfig, world_size: int | None = None) -> str:
@@ -110,7 +119,8 @@ def _validate_resume(cfg: TrainConfig) -> None:
             "--resume to continue a run of this project (weights, optimizer, scheduler, data and RNG state), or "
             "--pretrained_checkpoint to start from a checkpoint's weights, not both."
         )
-    if cfg.resume is not None and cfg.resume != RESUME_AUTO and not Path(cfg.resume).exists():
+    if cfg.resume is not None and cfg.resume != RESUME_AUTO and not Path(cfg.resume).exists() \
+            and not Path(cfg.resume.removesuffix(".pt")).is_dir():  # a `.pt` name of a checkpoint saved without one
         raise ValueError(f"--resume {cfg.resume}: no such checkpoint. Fix: pass an existing checkpoint path, "
                          f"or --resume {RESUME_AUTO} for the newest complete checkpoint of this run's directory.")
     counters = {"resume_step": cfg.resume_step, "resume_epoch": cfg.resume_epoch}
@@ -122,9 +132,11 @@ def _validate_resume(cfg: TrainConfig) -> None:
     if cfg.pretrained_checkpoint is None:
         return
     ckpt = Path(cfg.pretrained_checkpoint)
-    if not ckpt.is_file():
-        raise ValueError(f"--pretrained_checkpoint {ckpt} does not exist (or is not a file). Fix: pass the path of a "
-                         "`.pt` checkpoint, e.g. <run_dir>/checkpoints/step-XXXXXX-epoch-XX-loss=X.XXXX.pt.")
+    sharded = ckpt.with_name(ckpt.stem) if ckpt.suffix == ".pt" else ckpt  # a checkpoint saved without its `.pt`
+    if not ckpt.is_file() and not sharded.is_dir():
+        raise ValueError(f"--pretrained_checkpoint {ckpt} does not exist. Fix: pass the path of a `.pt` checkpoint or "
+                         "of a sharded checkpoint directory, e.g. <run_dir>/checkpoints/step-XXXXXX-epoch-XX-loss=X.XXXX"
+                         "(.pt).")
     if not cfg.is_resume:
         return
     missing = [name for name, value in counters.items() if value is None]
@@ -165,6 +177,12 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
     if cfg.peak_device_tflops is not None and not (math.isfinite(cfg.peak_device_tflops) and cfg.peak_device_tflops > 0):
         raise ValueError(f"peak_device_tflops = {cfg.peak_device_tflops} must be a finite positive number (or null to "
                          "take it from the device name; known: A100, H100, H200).")
+    if cfg.prefetch_batches < 0:
+        raise ValueError(f"prefetch_batches = {cfg.prefetch_batches} is negative. Fix: pass --prefetch_batches 0 (no "
+                         "background thread) or a small positive queue depth such as 2.")
+    if cfg.save_consolidated not in SAVE_CONSOLIDATED:
+        raise ValueError(f"save_consolidated = {cfg.save_consolidated!r} is not one of {list(SAVE_CONSOLIDATED)}. Fix: "
+                         "pass --save_consolidated end (the run's last checkpoint), every (each checkpoint) or never.")
     if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
         raise ValueError(f"keep_last_k = {cfg.keep_last_k} must be >= 1. Fix: pass --keep_last_k >= 1, or null "
                          "to keep every checkpoint.")

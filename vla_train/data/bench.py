@@ -4,6 +4,9 @@ Workload: a `fractal20220817_data`-structured dataset (one 256x320 JPEG camera) 
 224x224 JPEG cameras, primary loaded), 200 episodes x 30 steps each, one TFRecord shard each, mixed at equal weight,
 224x224 output, train mode, one process. The datasets are written once by `write_benchmark_datasets` with the real
 OXE feature structures, so the real standardization transforms run.
+
+`run_full_path` times the whole path to a padded (pinned on CUDA) torch batch in frames per CPU-second of the
+process (all threads: TensorFlow's, the prefetch thread, the consumer), the stable figure on a shared machine.
 """
 
 import itertools
@@ -20,6 +23,7 @@ import yaml
 
 from vla_train.data.convert import dataset_exists, write_rlds_dataset
 from vla_train.data.interleave import PipelineConfig, build_frame_dataset, plan_mixture
+from vla_train.data.prefetch import BatchPrefetcher
 from vla_train.data.registry import load_registry
 
 BENCH_MIXTURE = "bench_fractal_jaco"
@@ -190,3 +194,69 @@ def run_benchmark(cfg: PipelineConfig, *, seconds: float = 60.0, warmup_frames: 
     slope = float(np.polyfit(times[late] / 60.0, rss[late], 1)[0]) if late.sum() > 2 else 0.0
     return BenchResult(first, count / elapsed, count, float(rss.max()), slope,
                        {k: v for k, v in stages.items() if v > 0})
+
+
+class FrameSource:
+    """`build_frame_dataset`'s frames with the prefetcher's source protocol (`frames`, `state_dict`; no resume)."""
+
+    def __init__(self, cfg: PipelineConfig, plan: Any) -> None:
+        self.cfg, self.plan, self.frames_yielded = cfg, plan, 0
+
+    def frames(self):
+        for frame in build_frame_dataset(self.cfg, self.plan).as_numpy_iterator():
+            self.frames_yielded += 1
+            yield frame
+
+    def state_dict(self) -> dict[str, int]:
+        return {"frames_yielded": self.frames_yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.frames_yielded = state["frames_yielded"]
+
+
+@dataclass
+class FullPathResult:
+    frames_per_cpu_second: float
+    frames_per_second: float
+    cpu_cores_used: float  # process CPU seconds per wall second
+    time_to_first_batch_s: float
+    frames: int
+
+
+def run_full_path(cfg: PipelineConfig, batch_transform, collator, *, batch_size: int = 32, depth: int = 2,
+                  device: str = "cpu", seconds: float = 60.0, warmup_batches: int = 8) -> FullPathResult:
+    """Stream padded torch batches (`BatchPrefetcher`, `depth` 0 = on this thread) for `seconds` after a warm-up;
+    a batch counts once delivered (collated, pinned on CUDA; uint8 pixels are not normalized here: the device
+    does that). Process CPU time covers every thread. `batch_transform=None`: the decoded frames alone."""
+    registry = load_registry(*cfg.registry_dirs)
+    source = FrameSource(cfg, plan_mixture(cfg, registry))
+    if batch_transform is None:  # tf.data alone, measured the same way: "batches" of raw frames
+        stream = _RawBatches(source.frames(), batch_size)
+    else:
+        stream = BatchPrefetcher(source, batch_transform, collator, batch_size, depth=depth, device=device)
+    start = time.perf_counter()
+    try:
+        next(stream)
+        first = time.perf_counter() - start
+        for _ in range(warmup_batches):
+            next(stream)
+        count, begin, cpu_begin = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - begin < seconds:
+            count += len(next(stream)["input_ids"])
+        elapsed, cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
+    finally:
+        stream.close()
+    return FullPathResult(count / cpu, count / elapsed, cpu / elapsed, first, count)
+
+
+class _RawBatches:
+    """Raw decoded frames in lists of `batch_size`, with the close() of a BatchPrefetcher."""
+
+    def __init__(self, frames, batch_size: int) -> None:
+        self.frames, self.batch_size = frames, batch_size
+
+    def __next__(self) -> dict[str, list]:
+        return {"input_ids": [next(self.frames) for _ in range(self.batch_size)]}
+
+    def close(self) -> None:
+        self.frames.close()

@@ -1,6 +1,7 @@
 """`bench_data.py`'s body: prepare the workload, build the torch path, run, print the table rows."""
 
 import platform
+from dataclasses import dataclass, replace
 from datetime import date
 
 import psutil
@@ -8,7 +9,7 @@ import torch
 
 from vla_train.config.bench import BenchDataConfig
 from vla_train.config.model import get_model_config
-from vla_train.data.bench import BENCH_MIXTURE, run_benchmark, write_benchmark_datasets
+from vla_train.data.bench import BENCH_MIXTURE, run_benchmark, run_full_path, write_benchmark_datasets
 from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.data.interleave import PipelineConfig
 from vla_train.data.torch_dataset import RLDSBatchTransform
@@ -18,6 +19,17 @@ from vla_train.models.llm import get_llm_backbone_spec
 from vla_train.models.prompts import get_prompt_builder_class
 from vla_train.models.tokenizers import build_tiny_tokenizer
 from vla_train.models.vision import VisionBackbone
+
+
+@dataclass
+class BenchDataCLIConfig(BenchDataConfig):
+    """`BenchDataConfig` plus the full-path mode (`--full_path true`)."""
+
+    full_path: bool = False  # time the whole path to a padded (pinned on CUDA) batch, in frames per CPU-second
+    pixels: str = "uint8"  # "uint8": the training path (normalized on the device); "float": normalized on the host
+    prefetch_batches: int = 2  # batches prepared ahead by the prefetch thread (0: on the consuming thread)
+    torch_threads: int | None = None  # torch intra-op threads (None: torch's default)
+    device: str = "cpu"  # "cuda": collate into pinned host memory, as training on a GPU does
 
 
 def _torch_path(cfg: BenchDataConfig):
@@ -36,14 +48,40 @@ def _torch_path(cfg: BenchDataConfig):
     return transform, PaddedCollatorForActionPrediction(2048, tokenizer.pad_token_id)
 
 
-def run(cfg: BenchDataConfig) -> None:
+def _pipeline(cfg: BenchDataConfig) -> PipelineConfig:
     extra_dirs = ()
     if cfg.data_mix == BENCH_MIXTURE:
         extra_dirs = (write_benchmark_datasets(cfg.data_root_dir),)
-    pipeline = PipelineConfig(data_root_dir=cfg.data_root_dir, data_mix=cfg.data_mix,
-                              resize_resolution=(cfg.resolution, cfg.resolution),
-                              shuffle_buffer_size=cfg.shuffle_buffer_size, image_aug=cfg.image_aug,
-                              deterministic=cfg.deterministic, registry_dirs=extra_dirs)
+    return PipelineConfig(data_root_dir=cfg.data_root_dir, data_mix=cfg.data_mix,
+                          resize_resolution=(cfg.resolution, cfg.resolution),
+                          shuffle_buffer_size=cfg.shuffle_buffer_size, image_aug=cfg.image_aug,
+                          deterministic=cfg.deterministic, registry_dirs=extra_dirs)
+
+
+def run_full(cfg: BenchDataCLIConfig) -> None:
+    """One full-path row: frames per CPU-second (the stable figure on a shared machine), frames/s, cores used."""
+    if cfg.pixels not in ("uint8", "float"):
+        raise ValueError(f"pixels = {cfg.pixels!r}: choose 'uint8' (the training path) or 'float' (host-normalized).")
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    transform, collator = _torch_path(cfg) if cfg.torch_path else (None, None)
+    if transform is not None:
+        transform = replace(transform, uint8_pixels=cfg.pixels == "uint8")
+    result = run_full_path(_pipeline(cfg), transform, collator, batch_size=cfg.batch_size,
+                           depth=cfg.prefetch_batches, device=cfg.device, seconds=cfg.seconds)
+    logger.info("full-path benchmark %s: mixture %s, buffer %d, aug %s, model %s, batch %d, %d frames", date.today(),
+                cfg.data_mix, cfg.shuffle_buffer_size, cfg.image_aug, cfg.model_id, cfg.batch_size, result.frames)
+    path = f"{cfg.pixels} | {cfg.prefetch_batches}" if cfg.torch_path else "tf.data only | -"
+    print(f"| {path} | {torch.get_num_threads()} | "
+          f"{result.frames_per_cpu_second:.0f} | {result.frames_per_second:.0f} | {result.cpu_cores_used:.2f} | "
+          f"{result.time_to_first_batch_s:.1f} s |")
+
+
+def run(cfg: BenchDataConfig) -> None:
+    if getattr(cfg, "full_path", False):
+        run_full(cfg)  # type: ignore[arg-type]
+        return
+    pipeline = _pipeline(cfg)
     transform, collator = _torch_path(cfg) if cfg.torch_path else (None, None)
     result = run_benchmark(pipeline, seconds=cfg.seconds, batch_transform=transform, collator=collator,
                            batch_size=cfg.batch_size)

@@ -2,12 +2,16 @@
 
 `input_ids` are padded with the pad id and `labels` with -100, both truncated to `model_max_length`; the mask marks
 real tokens by position (the reference compared ids to the pad id, which breaks when the pad id is a real token, as
-Qwen's `<|endoftext|>` can be). Pixel values are stacked per tensor, or per key for fused backbones.
+Qwen's `<|endoftext|>` can be). Pixel values are stacked per tensor, or per key for fused backbones: float pixels
+are cast to `pixel_values_dtype`; uint8 pixels (training: normalized on the device) stay uint8, are stacked with numpy
+(no torch intra-op threads), and keys whose per-instance tensors are the same objects (fused featurizers with the
+same geometry) share one stacked tensor. `pin_memory=True` allocates every output tensor in pinned host memory.
 """
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -19,7 +23,8 @@ class PaddedCollatorForActionPrediction:
     model_max_length: int
     pad_token_id: int
     padding_side: str = "right"
-    pixel_values_dtype: torch.dtype = torch.float32
+    pixel_values_dtype: torch.dtype = torch.float32  # float pixels only; uint8 pixels stay uint8
+    pin_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.padding_side != "right":
@@ -38,11 +43,25 @@ class PaddedCollatorForActionPrediction:
         if any(p is None for p in pixel_values):
             raise ValueError("Every instance needs pixel_values (VLA batches are multimodal).")
         if isinstance(pixel_values[0], dict):
-            stacked = {k: torch.stack([p[k] for p in pixel_values]).to(self.pixel_values_dtype) for k in pixel_values[0]}
+            stacked: torch.Tensor | dict[str, torch.Tensor] = {}
+            for key in pixel_values[0]:
+                twin = next((k for k in stacked if all(p[k] is p[key] for p in pixel_values)), None)
+                stacked[key] = stacked[twin] if twin is not None else self._stack([p[key] for p in pixel_values])
         else:
-            stacked = torch.stack(pixel_values).to(self.pixel_values_dtype)
-        batch = {"pixel_values": stacked, "input_ids": padded_ids, "attention_mask": attention_mask,
-                 "labels": padded_labels}
+            stacked = self._stack(pixel_values)
+        text = [padded_ids, attention_mask, padded_labels]
+        if self.pin_memory:
+            text = [tensor.pin_memory() for tensor in text]
+        batch = {"pixel_values": stacked, "input_ids": text[0], "attention_mask": text[1], "labels": text[2]}
         if "dataset_name" in instances[0]:
             batch["dataset_names"] = [instance["dataset_name"] for instance in instances]
         return batch
+
+    def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """`B x [3, S, S]` -> `[B, 3, S, S]`: uint8 kept (numpy copy into the, maybe pinned, output), float cast."""
+        if tensors[0].dtype != torch.uint8:
+            stacked = torch.stack(tensors).to(self.pixel_values_dtype)
+            return stacked.pin_memory() if self.pin_memory else stacked
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.uint8, pin_memory=self.pin_memory)
+        np.stack([tensor.numpy() for tensor in tensors], out=out.numpy())
+        return out

@@ -5,8 +5,9 @@ and restructure -> normalize -> trajectory filters and chunking -> flatten to fr
 datasets are interleaved by weight (`balance_weights` multiplies weights by dataset sizes), frames are shuffled with
 still-encoded images (bounded memory), and only then decoded, resized and augmented.
 
-Every random op is seeded from `(seed, rank, world_size)`. With `deterministic=True` the stream is a pure function of
-those and of the position, which is what exact resume uses (`skip_frames`).
+Every random op is seeded from `(seed, rank, world_size)`. With `deterministic=True` (the default) the stream is a pure
+function of those and of the position, and resumes exactly from `ResumableShuffle.state_at` (`stream_resume.py`) at a
+cost bounded by the shuffle buffer, not the position.
 
 `plan_mixture` raises every data error it can know of from the files (`vla_train/data/checks.py`: missing datasets,
 keys the YAML entry or the transform needs that the features lack, a training split without instructions) before any
@@ -15,6 +16,7 @@ how ranks wait), `compute_statistics.py` (ahead of training, in parallel).
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,11 @@ from vla_train.data.frames import REFERENCE_AUGMENTATION, augment_frame, decode_
 from vla_train.data.normalize import normalize_tf
 from vla_train.data.registry import DatasetSpec, Registry, load_registry
 from vla_train.data.rlds import Restructure, held_out_episodes, open_builder, read_trajectories, split_for
-from vla_train.data.shuffle import ProgressiveShuffleBuffer
 from vla_train.data.standardize import get_frame_filter
 from vla_train.data.statistics import LABEL_KEYS, finalize_statistics, without_label_counts
 from vla_train.data.statistics_cache import StatisticsCache, load_or_compute_statistics
 from vla_train.data.statistics_source import find_corrupt_files, read_statistics_parts, statistics_key  # noqa: F401
+from vla_train.data.stream_resume import ResumableShuffle
 from vla_train.data.tf_setup import tf
 from vla_train.log import logger
 
@@ -61,7 +63,7 @@ class PipelineConfig:
     seed: int = 7
     rank: int = 0
     world_size: int = 1
-    deterministic: bool = False  # ordered parallelism: the stream is a pure function of seeds and position
+    deterministic: bool = True  # ordered parallelism: a pure function of seeds and position, exact resume
     registry_dirs: tuple[Path, ...] = ()  # extra YAML registry directories
     allow_missing_datasets: bool = False  # train on the mixture members present (warns, renormalizes the weights)
     traj_transform_threads: int | None = None  # total across datasets; None = autotune
@@ -245,12 +247,19 @@ def _dataset_frames(cfg: PipelineConfig, plan: MixturePlan, index: int, seed: in
     return dataset
 
 
-def build_frame_dataset(cfg: PipelineConfig, plan: MixturePlan, *, skip_frames: int = 0,
+def build_frame_dataset(cfg: PipelineConfig, plan: MixturePlan, *, resume: dict[str, Any] | None = None,
                         reseed: int = 0) -> tf.data.Dataset:
-    """The rank's stream of decoded frames (numpy-ready dicts); `skip_frames` resumes a deterministic stream.
+    """The rank's stream of decoded frames (numpy-ready dicts); see `build_resumable_frames`."""
+    return build_resumable_frames(cfg, plan, resume=resume, reseed=reseed)[0]
 
-    `reseed` (non-deterministic resume) derives fresh seeds instead of skipping. An evaluation stream (`train=False`)
-    reads only the datasets with held-out episodes (`MixturePlan.stream_members`).
+
+def build_resumable_frames(cfg: PipelineConfig, plan: MixturePlan, *, resume: dict[str, Any] | None = None,
+                           reseed: int = 0) -> tuple[tf.data.Dataset, ResumableShuffle]:
+    """The rank's stream of decoded frames and its shuffle stage, whose `state_at(frames consumed)` is what
+    `resume` takes to continue exactly (`stream_resume.py`; needs `cfg.deterministic`).
+
+    `reseed` derives fresh seeds instead (the resume of a non-deterministic stream). An evaluation stream
+    (`train=False`) reads only the datasets with held-out episodes (`MixturePlan.stream_members`).
     """
     if cfg.window_size < 1 or cfg.future_action_window_size < 0:
         raise ValueError("window_size must be >= 1 and future_action_window_size >= 0.")
@@ -260,16 +269,18 @@ def build_frame_dataset(cfg: PipelineConfig, plan: MixturePlan, *, skip_frames: 
     if not members:
         raise ValueError(f"No held-out episodes to evaluate on: the held-out split (val, else train[95%:]) of "
                          f"{', '.join(plan.without_held_out())} is empty; add a val split or more episodes.")
-    datasets = [_dataset_frames(cfg, plan, i, _rank_seed(cfg, 0, i, reseed)) for i in members]
-    if len(datasets) == 1:
-        frames = datasets[0]
-    else:
+
+    def read() -> tf.data.Dataset:  # frames before the shuffle; rebuilt from scratch by a resume
+        datasets = [_dataset_frames(cfg, plan, i, _rank_seed(cfg, 0, i, reseed)) for i in members]
+        if len(datasets) == 1:
+            return datasets[0].with_options(_options(cfg))
         weights = np.asarray([plan.weights[i] for i in members], dtype=np.float64)
-        frames = tf.data.Dataset.sample_from_datasets(datasets, weights=(weights / weights.sum()).tolist(),
-                                                      seed=_rank_seed(cfg, 1, reseed), stop_on_empty_dataset=False)
-    frames = _shuffled(frames.with_options(_options(cfg)), cfg.shuffle_buffer_size, _rank_seed(cfg, 2, reseed))
-    if skip_frames:
-        frames = frames.skip(skip_frames)
+        return tf.data.Dataset.sample_from_datasets(
+            datasets, weights=(weights / weights.sum()).tolist(), seed=_rank_seed(cfg, 1, reseed),
+            stop_on_empty_dataset=False).with_options(_options(cfg))
+
+    frames, shuffle = _shuffled(read, cfg.shuffle_buffer_size, _rank_seed(cfg, 2, reseed), resume)
+    start = int(resume["position"]) if resume is not None else 0
     frame_seed = _rank_seed(cfg, 3, reseed)
 
     def finish(position: tf.Tensor, frame: dict[str, Any]) -> dict[str, Any]:
@@ -278,8 +289,8 @@ def build_frame_dataset(cfg: PipelineConfig, plan: MixturePlan, *, skip_frames: 
             frame = augment_frame(frame, tf.stack([tf.constant(frame_seed, tf.int64), position]), cfg.augmentation)
         return frame
 
-    frames = frames.enumerate(start=skip_frames).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
-    return frames.with_options(_options(cfg)).prefetch(tf.data.AUTOTUNE)
+    frames = frames.enumerate(start=start).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return frames.with_options(_options(cfg)).prefetch(tf.data.AUTOTUNE), shuffle
 
 
 _CROSSING_BATCH = 64  # frames per TensorFlow <-> Python crossing around the shuffle buffer
@@ -302,13 +313,15 @@ def default_thread_count() -> int:
     return max(2, 2 * cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def _shuffled(frames: tf.data.Dataset, capacity: int, seed: int) -> tf.data.Dataset:
-    """`frames` through a ProgressiveShuffleBuffer (yields long before the buffer is full).
+def _shuffled(read: Callable[[], tf.data.Dataset], capacity: int, seed: int,
+              resume: dict[str, Any] | None) -> tuple[tf.data.Dataset, ResumableShuffle]:
+    """`read()`'s frames through a resumable ProgressiveShuffleBuffer (yields long before the buffer is full).
 
     Each frame crosses into Python as one serialized string (images still encoded), which keeps the per-frame Python
     cost to a few microseconds and the buffer compact.
     """
-    spec = frames.element_spec
+    built = [read()]  # built once for its element spec, then streamed by the first iteration
+    spec = built[0].element_spec
     leaves = tf.nest.flatten(spec)
 
     def pack(frame: dict[str, Any]) -> tf.Tensor:
@@ -320,13 +333,14 @@ def _shuffled(frames: tf.data.Dataset, capacity: int, seed: int) -> tf.data.Data
                   for i, leaf in enumerate(leaves)]
         return tf.nest.pack_sequence_as(spec, values)
 
-    packed = frames.map(pack, num_parallel_calls=tf.data.AUTOTUNE).batch(_CROSSING_BATCH)
-    shuffle = ProgressiveShuffleBuffer(capacity, seed)
+    def packed() -> tf.data.Dataset:
+        return (built.pop() if built else read()).map(pack, num_parallel_calls=tf.data.AUTOTUNE).batch(_CROSSING_BATCH)
+
+    shuffle = ResumableShuffle(packed, capacity, seed, resume)
 
     def generate():
-        items = (item for batch in packed.as_numpy_iterator() for item in batch)
         out = []
-        for item in shuffle(items):
+        for item in shuffle:
             out.append(item)
             if len(out) == _CROSSING_BATCH:
                 yield np.array(out, dtype=object)
@@ -335,4 +349,4 @@ def _shuffled(frames: tf.data.Dataset, capacity: int, seed: int) -> tf.data.Data
             yield np.array(out, dtype=object)
 
     shuffled = tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec((None,), tf.string))
-    return shuffled.unbatch().map(unpack, num_parallel_calls=tf.data.AUTOTUNE)
+    return shuffled.unbatch().map(unpack, num_parallel_calls=tf.data.AUTOTUNE), shuffle

@@ -3,7 +3,8 @@
 `RLDSBatchTransform` builds the prompt "What action should the robot take to {instruction}?" with the model's
 prompt builder, tokenizes the action of window step 0 with the ActionTokenizer, supervises only the action ids and
 the stop token, and applies the vision backbone's image transform. `RLDSDataset` streams one rank's frames and
-exposes `state_dict()` / `load_state_dict()` (frames consumed, seed, rank, world size) for exact resume.
+exposes `state_dict()` / `load_state_dict()` (frames consumed, the shuffle stream's state, seed, rank, world size)
+for an exact resume whose cost is bounded by the shuffle buffer, not the position (`stream_resume.py`).
 """
 
 from dataclasses import dataclass, replace
@@ -17,25 +18,34 @@ from transformers import PreTrainedTokenizerBase
 from vla_train.data.interleave import (
     MixturePlan,
     PipelineConfig,
-    build_frame_dataset,
+    build_resumable_frames,
     find_corrupt_files,
     plan_mixture,
 )
+from vla_train.data.stream_resume import ResumableShuffle
 from vla_train.data.tf_setup import tf
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.prompts import PromptBuilder
 from vla_train.models.vla_prompt import vla_training_ids
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the shuffle stream's state (exact resume at a bounded cost)
 
 
 @dataclass
 class RLDSBatchTransform:
     action_tokenizer: ActionTokenizer
     base_tokenizer: PreTrainedTokenizerBase
-    image_transform: Any  # PIL image -> tensor or dict of tensors
+    image_transform: Any  # PIL image -> tensor or dict of tensors (an ImageTransform for uint8_pixels)
     prompt_builder_fn: type[PromptBuilder]
     predict_stop_token: bool = True
+    # True: pixel_values are `[3, S, S]` uint8 after the geometry (`image_transform.to_uint8`), normalized on the
+    # training device after the copy (`image_transform.normalize_on_device`); False: float32, normalized here.
+    uint8_pixels: bool = False
+
+    def __post_init__(self) -> None:
+        if self.uint8_pixels and not hasattr(self.image_transform, "to_uint8"):
+            raise TypeError(f"uint8_pixels needs an image transform with to_uint8 (an ImageTransform), got "
+                            f"{type(self.image_transform).__name__}.")
 
     def __call__(self, frame: dict[str, Any]) -> dict[str, Any]:
         action = frame["action"][0]
@@ -43,8 +53,9 @@ class RLDSBatchTransform:
         instruction = frame["task"]["language_instruction"].decode()
         input_ids, labels = vla_training_ids(self.prompt_builder_fn, self.base_tokenizer, instruction,
                                              self.action_tokenizer.encode_to_ids(action), self.predict_stop_token)
+        pixels = self.image_transform.to_uint8(image) if self.uint8_pixels else self.image_transform(image)
         return {
-            "pixel_values": self.image_transform(image),
+            "pixel_values": pixels,
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "dataset_name": frame["dataset_name"],
@@ -64,7 +75,8 @@ class RLDSDataset(IterableDataset):
         self.cfg, self.batch_transform = cfg, batch_transform
         self.plan = plan or plan_mixture(cfg, is_main_process=is_main_process)
         self.frames_yielded = 0
-        self._resume_from = 0
+        self._resume: dict[str, Any] | None = None  # a saved stream state (exact) or {"frames_yielded": n} (reseed)
+        self._shuffle: ResumableShuffle | None = None
 
     @property
     def dataset_statistics(self) -> dict[str, dict[str, Any]]:
@@ -77,11 +89,13 @@ class RLDSDataset(IterableDataset):
 
     def frames(self):
         """Raw decoded frames (numpy dicts) from the current position."""
-        if self.cfg.deterministic:
-            dataset = build_frame_dataset(self.cfg, self.plan, skip_frames=self._resume_from)
-        else:  # a fresh, differently seeded stream: cheap resume without replaying the same frames
-            dataset = build_frame_dataset(self.cfg, self.plan, reseed=self._resume_from)
-        self.frames_yielded = self._resume_from
+        start = int(self._resume["frames_yielded"]) if self._resume else 0
+        if self.cfg.deterministic:  # exact: restore the stream state (bounded cost, see stream_resume.py)
+            dataset, self._shuffle = build_resumable_frames(self.cfg, self.plan,
+                                                            resume=self._resume["stream"] if self._resume else None)
+        else:  # unordered parallelism cannot be replayed: a fresh, differently seeded stream
+            dataset, self._shuffle = build_resumable_frames(self.cfg, self.plan, reseed=start)
+        self.frames_yielded = start
         iterator = dataset.as_numpy_iterator()
         while True:
             try:
@@ -102,19 +116,29 @@ class RLDSDataset(IterableDataset):
             yield frame if self.batch_transform is None else self.batch_transform(frame)
 
     def state_dict(self) -> dict[str, Any]:
+        """The position after the frames yielded so far: frames consumed and, for a deterministic stream, the
+        shuffle's state (`ResumableShuffle.state_at`, a few MB, no frame content). Thread-safe against the stream."""
+        stream = None
+        if self.cfg.deterministic:
+            if self._shuffle is not None:
+                stream = self._shuffle.state_at(self.frames_yielded)
+            elif self._resume is not None:
+                stream = self._resume["stream"]
         return {"version": STATE_VERSION, "frames_yielded": self.frames_yielded, "seed": self.cfg.seed,
                 "rank": self.cfg.rank, "world_size": self.cfg.world_size, "data_mix": self.cfg.data_mix,
-                "deterministic": self.cfg.deterministic}
+                "deterministic": self.cfg.deterministic, "stream": stream}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at the saved position; refuses a changed world size, rank, seed or mixture."""
+        """Resume at the saved position; refuses a changed world size, rank, seed, mixture or ordering."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"Unsupported data-pipeline state version {state.get('version')!r}.")
-        for key in ("world_size", "rank", "seed", "data_mix"):
+            raise ValueError(f"Unsupported data-pipeline state version {state.get('version')!r} (this version reads "
+                             f"{STATE_VERSION}); resume with the version that saved it.")
+        for key in ("world_size", "rank", "seed", "data_mix", "deterministic"):
             if state[key] != getattr(self.cfg, key):
                 raise ValueError(f"Cannot resume the data stream: saved {key}={state[key]!r}, now "
                                  f"{getattr(self.cfg, key)!r}. Resume with the same {key}.")
-        self._resume_from = self.frames_yielded = int(state["frames_yielded"])
+        self._resume = state
+        self.frames_yielded = int(state["frames_yielded"])
 
     def with_config(self, **changes: Any) -> "RLDSDataset":
         """A dataset over the same plan with changed streaming options (e.g. train=False for evaluation)."""

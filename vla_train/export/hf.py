@@ -22,6 +22,7 @@ import torch
 from transformers import PretrainedConfig
 
 from vla_train.config.model import ModelConfig
+from vla_train.config.train import checkpoint_step_epoch
 from vla_train.export.hf_remote import REMOTE_MODULES
 from vla_train.export.hf_remote.configuration_prismatic import OpenVLAConfig
 from vla_train.export.hf_remote.modeling_prismatic import OpenVLAForActionPrediction
@@ -34,6 +35,8 @@ from vla_train.models.openvla import OpenVLA
 from vla_train.models.prompts import VLA_QUESTION_TEMPLATE, PromptBuilder
 from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, check_module_state, read_model_config
 from vla_train.models.vision import VisionBackbone
+from vla_train.training.checkpoint_discovery import CheckpointDiscovery
+from vla_train.training.checkpoint_io import consolidate_checkpoint, parse_checkpoint_name
 
 REMOTE_DIR = Path(__file__).with_name("hf_remote")
 DATASET_STATISTICS = "dataset_statistics.json"
@@ -56,20 +59,28 @@ TOKENIZER_LOAD_TIME_KEYS = ("is_local", "local_files_only", "cache_dir", "force_
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
-    """`checkpoints/latest-checkpoint.pt` (else the newest `step-*.pt`), or the `step-{step:06d}-*.pt` of `step`."""
+    """The consolidated `.pt` to export: `checkpoints/latest-checkpoint.pt` (else the newest `step-*.pt`), or the
+    `step-{step:06d}-*.pt` of `step`. A newer (or the requested) sharded checkpoint saved without its `.pt`
+    (`--save_consolidated end|never`) is consolidated first, into its `step-....pt` next to it (FP32)."""
     checkpoints = Path(run_dir) / CHECKPOINT_SUBDIR
+    sharded = CheckpointDiscovery(run_dir).complete_checkpoints()
     if step is None:
         path = checkpoints / LATEST_CHECKPOINT
-        if path.is_file():
-            return path
-        newest = sorted(checkpoints.glob("step-*.pt"))
-        if not newest:
-            raise FileNotFoundError(f"{checkpoints} holds no checkpoint ({LATEST_CHECKPOINT} or step-*.pt): "
-                                    "train first.")
-        return newest[-1]
+        newest = sorted(checkpoints.glob("step-*.pt"), key=lambda p: parse_checkpoint_name(p.name) or (-1, -1))
+        found = path if path.is_file() else newest[-1] if newest else None
+        found_step = checkpoint_step_epoch(found)[0] if found is not None else None
+        if sharded and (found_step is None or parse_checkpoint_name(sharded[-1].name)[0] > found_step):
+            return consolidate_checkpoint(sharded[-1])
+        if found is None:
+            raise FileNotFoundError(f"{checkpoints} holds no checkpoint ({LATEST_CHECKPOINT}, step-*.pt or a sharded "
+                                    "step-* directory): train first.")
+        return found
     matches = sorted(checkpoints.glob(f"step-{step:06d}-*.pt"))
     if not matches:
-        available = sorted(p.name for p in checkpoints.glob("step-*.pt"))
+        unconsolidated = [p for p in sharded if parse_checkpoint_name(p.name)[0] == step]
+        if unconsolidated:
+            return consolidate_checkpoint(unconsolidated[-1])
+        available = sorted({p.name for p in checkpoints.glob("step-*.pt")} | {p.name for p in sharded})
         raise FileNotFoundError(f"No checkpoint for step {step} in {checkpoints}. Fix: pass --step for one of "
                                 f"{available or 'none (train first)'}.")
     return matches[-1]

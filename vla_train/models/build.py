@@ -35,6 +35,7 @@ def build_vlm(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
+        # the vision backbone first: build_vision_backbone relies on it
         vision = VisionBackbone(model_cfg.vision_backbone_id, model_cfg.image_resize_strategy)
         if llm_hf_dir is not None:
             llm = LLMBackbone.from_pretrained_dir(model_cfg.llm_backbone_id, llm_hf_dir, model_cfg.llm_max_length,
@@ -47,6 +48,14 @@ def build_vlm(
     if vla:
         return OpenVLA(model_cfg.model_id, vision, llm, norm_stats=norm_stats, **common)
     return PrismaticVLM(model_cfg.model_id, vision, llm, **common)
+
+
+def build_vision_backbone(model_cfg: ModelConfig, init_seed: int = DEFAULT_INIT_SEED) -> VisionBackbone:
+    """The vision backbone alone, with exactly the weights `build_vlm(model_cfg, init_seed=init_seed)` gives it (it
+    is the first module built after seeding there): what a checkpoint without vision weights starts from."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return VisionBackbone(model_cfg.vision_backbone_id, model_cfg.image_resize_strategy)
 
 
 def check_all_fp32(model: torch.nn.Module) -> None:

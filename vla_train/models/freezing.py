@@ -9,6 +9,9 @@
 | `align` | frozen | train | frozen |
 
 "Last layer" = the LLM's input embeddings, final decoder layer and output head (the final norm stays frozen).
+In every stage, the vision modules the forward never calls (each featurizer's last block, final norm, attention pool
+and head: `VisionBackbone.unused_modules()`) stay frozen: they never had a gradient, so they never change and are
+not in the optimizer (the trainable count of vision-training stages excludes them).
 """
 
 from dataclasses import dataclass
@@ -60,7 +63,7 @@ def freeze_backbones(vlm: PrismaticVLM, stage: str) -> None:
     if stage not in STAGES:
         raise ValueError(f"Unknown training stage {stage!r}; choose one of {sorted(STAGES)}.")
     plan = STAGES[stage]
-    vlm.vision_backbone.requires_grad_(plan.vision)
+    vlm.vision_backbone.requires_grad_(plan.vision)  # keeps `unused_modules()` frozen
     vlm.projector.requires_grad_(plan.projector)
     vlm.llm_backbone.requires_grad_(plan.llm == "all")
     if plan.llm == "last-layer":

@@ -1,5 +1,9 @@
 """PIL image -> normalized tensor `[3, S, S]` (float32), per vision featurizer, as the reference builds them.
 
+Training splits the transform in two: `ImageTransform.to_uint8` (host: geometry only, `[3, S, S]` uint8) and
+`ImageTransform.normalize_on_device` (after the host-to-device copy: float conversion and mean/std), which together
+give exactly the float tensor of `ImageTransform.__call__` (the inference and export path).
+
 The base is timm's eval transform: `Resize(floor(S / crop_pct), bicubic, shorter side) -> CenterCrop(S) -> ToTensor ->
 Normalize(mean, std)`, with these reference adjustments:
 - `resize-naive`: the first resize squashes to `(S, S)` (aspect ratio not kept);
@@ -11,13 +15,15 @@ Normalize(mean, std)`, with these reference adjustments:
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+Pixels = torch.Tensor | dict[str, torch.Tensor]
 RESIZE_STRATEGIES = ("resize-naive", "resize-crop", "letterbox")
 
 _INTERPOLATIONS = {
@@ -65,15 +71,34 @@ class FeaturizerTransform:
 
     geometry_key: tuple
     geometry: Callable[[Image.Image], Image.Image]
-    normalize: Callable[[torch.Tensor], torch.Tensor]
+    normalize: T.Normalize
+    _stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(to_float_tensor(self.geometry(image)))
+
+    def normalize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 `[..., 3, S, S]` on any device -> float32 normalized on that device, bit-equal to `__call__`'s
+        `ToTensor -> Normalize` (same float32 ops in the same order; mean/std cached per device: no sync)."""
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"normalize_uint8 takes uint8 pixels, got {pixels.dtype}.")
+        if pixels.device not in self._stats:
+            self._stats[pixels.device] = tuple(  # type: ignore[assignment]
+                torch.as_tensor(v, dtype=torch.float32).view(-1, 1, 1).to(pixels.device)
+                for v in (self.normalize.mean, self.normalize.std))
+        mean, std = self._stats[pixels.device]
+        return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
 
 def to_float_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> `[3, H, W]` float32 in [0, 1] (the values of torchvision's ToTensor, computed faster)."""
     return TF.pil_to_tensor(image).to(torch.float32).div_(255.0)
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> contiguous `[3, H, W]` uint8 (numpy only: no torch op, so no intra-op thread pool)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def build_featurizer_transform(
@@ -115,3 +140,28 @@ class ImageTransform:
         if not self.is_fused:
             return outputs[0]
         return dict(zip(self.keys, outputs, strict=True))
+
+    def to_uint8(self, image: Image.Image) -> torch.Tensor | dict[str, torch.Tensor]:
+        """PIL image -> `[3, S, S]` uint8 after each featurizer's geometry (or `{key: [3, S, S]}`); featurizers with
+        the same geometry get the same tensor object (the collator and the device copy then move it once)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        shared: dict[tuple, torch.Tensor] = {}
+        for transform in self.transforms:
+            if transform.geometry_key not in shared:
+                shared[transform.geometry_key] = to_uint8_tensor(transform.geometry(image))
+        outputs = [shared[transform.geometry_key] for transform in self.transforms]
+        return outputs[0] if not self.is_fused else dict(zip(self.keys, outputs, strict=True))
+
+    def normalize_on_device(self, pixels: Pixels) -> Pixels:
+        """`to_uint8`'s output, collated (`[B, 3, S, S]` uint8, or a dict of them) and on the training device ->
+        float32 on that device, exactly the values `__call__` gives per image."""
+        if not self.is_fused:
+            if isinstance(pixels, dict):
+                raise ValueError(f"Expected one pixel tensor, got a dict with {sorted(pixels)}.")
+            return self.transforms[0].normalize_uint8(pixels)
+        if not isinstance(pixels, dict) or set(pixels) != set(self.keys):
+            raise ValueError(f"Expected pixel tensors for {list(self.keys)}, got "
+                             f"{sorted(pixels) if isinstance(pixels, dict) else type(pixels).__name__}.")
+        pairs = zip(self.keys, self.transforms, strict=True)
+        return {key: transform.normalize_uint8(pixels[key]) for key, transform in pairs}

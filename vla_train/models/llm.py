@@ -30,6 +30,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.phi.modeling_phi import PhiDecoderLayer
@@ -39,6 +40,7 @@ from vla_train.models.prompts import PromptBuilder, get_prompt_builder_class
 from vla_train.models.tokenizers import build_tiny_tokenizer
 
 PAD_TO_MULTIPLE_OF = 64
+IGNORE_INDEX = -100  # label of positions without loss (Hugging Face's ignore_index)
 # Keys of a serialized Hugging Face config that describe how it was saved or is run, not the architecture.
 NON_ARCHITECTURE_KEYS = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype",
                          "use_cache", "_attn_implementation", "attn_implementation")
@@ -201,6 +203,23 @@ def output_cache(output: Any) -> Any:
     return next((getattr(output, name) for name in CACHE_NAMES if name in fields), None)
 
 
+@dataclass
+class SupervisedCausalLMOutput(ModelOutput):
+    """Training output with the LM head applied only where a label is supervised (N positions in all).
+
+    `logits [N, V]` are those of the hidden states at `(rows, positions)` (row-major order), each predicting the next
+    token `labels [N]` (the shifted label, never -100); `loss` is Hugging Face's causal-LM loss on them (mean, or sum
+    / `num_items_in_batch`). `positions` index the sequence the LLM saw (`T + P` for a VLM); `rows` the caller's
+    batch rows (the VLM maps them back to its input order).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
 def padded_vocab_rows(current_rows: int, tokenizer_len: int) -> int:
     """Rows the embedding needs: grow to a multiple of 64 when the tokenizer outgrows it; never shrink."""
     needed = -(-tokenizer_len // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
@@ -339,14 +358,45 @@ class LLMBackbone(nn.Module):
                              f"holding {self.spec.hf_hub_path!r} (see README, 'Base VLMs').")
         return self.tokenizer
 
+    def init_nonpersistent_buffers(self) -> None:
+        """Recompute in place, on their device, the buffers no state dict holds (the rotary embedding's `inv_freq`
+        and `original_inv_freq`): after a meta-device build and `to_empty` they hold garbage. Every module owning
+        such buffers goes through the Hugging Face model's own initializer (`_init_weights`, which transformers runs
+        after its own meta-device loading); the loader checks that no such buffer is left unset."""
+        for module in self.llm.modules():
+            if module._non_persistent_buffers_set:
+                self.llm._init_weights(module)
+
     def embed_input_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(input_ids)
 
     def forward(self, past_key_values: Any = None, **kwargs: Any) -> Any:
-        """The causal LM's forward; the KV cache goes in under the name the installed transformers uses."""
+        """The causal LM's forward; the KV cache goes in under the name the installed transformers uses.
+
+        Training (module in train mode, `labels` given, no cache) returns a `SupervisedCausalLMOutput`: logits only
+        at supervised positions. Otherwise (eval, generation, no labels) the model's full output, logits `[B, L, V]`.
+        """
         if past_key_values is not None:
             kwargs[self.cache_argument] = past_key_values
+        elif self.training and kwargs.get("labels") is not None and not kwargs.get("use_cache"):
+            return self.supervised_forward(**kwargs)
         return self.llm(**kwargs)
+
+    def supervised_forward(self, labels: torch.Tensor, num_items_in_batch: Any = None,
+                           **kwargs: Any) -> SupervisedCausalLMOutput:
+        """Decoder to hidden states `[B, L, d]`, then the LM head only at the N positions t with `labels[:, t + 1]`
+        != -100: logits `[N, V]` instead of `[B, L, V]`. Same loss as the full forward (`ForCausalLMLoss`: float32
+        logits, mean over supervised tokens, or sum / `num_items_in_batch`), gradients equal up to summation order."""
+        kwargs.pop("use_cache", None)
+        # On a GPU, nonzero waits for the device; it is placed next to the decoder's own wait (its attention-mask
+        # check), where the queue is short.
+        rows, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        hidden = self.llm.model(use_cache=False, **kwargs).last_hidden_state  # [B, L, d]
+        targets = labels[rows, positions + 1]  # [N]
+        logits = self.llm.lm_head(hidden[rows, positions])  # [N, V]
+        loss = self.llm.loss_function(logits=logits, labels=None, vocab_size=self.llm.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch, shift_labels=targets)
+        return SupervisedCausalLMOutput(loss=loss, logits=logits, labels=targets, rows=rows, positions=positions)
 
 
 def shrink_architecture(spec: LLMBackboneSpec, **overrides: Any) -> LLMBackboneSpec:

@@ -9,6 +9,7 @@ released Prismatic base VLMs) keeps the featurizers' pretrained timm weights, re
 """
 
 import json
+import mmap
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from vla_train.config.model import ModelConfig, model_config_from_fields, model_
 from vla_train.log import logger
 from vla_train.models.build import build_vlm, check_all_fp32
 from vla_train.models.openvla import NormStats
+from vla_train.models.vision import VisionBackbone
 from vla_train.models.vlm import ALL_MODULE_KEYS, PrismaticVLM
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -103,7 +105,11 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], n
 
 def load_pretrained_featurizers(vlm: PrismaticVLM, source: Path) -> None:
     """Fill the vision featurizers with timm's pretrained weights from the local Hugging Face cache (no download)."""
-    vision = vlm.vision_backbone
+    load_pretrained_vision(vlm.vision_backbone, source)
+
+
+def load_pretrained_vision(vision: VisionBackbone, source: Path) -> None:
+    """`load_pretrained_featurizers` for a vision backbone on its own (tiny featurizers keep their seeded init)."""
     if vision.identifier.startswith("tiny-"):
         logger.warning("%s has no vision_backbone weights; tiny featurizers keep their seeded initialization.", source)
         return
@@ -132,6 +138,55 @@ def find_run_dir(model_id_or_path: str | Path, model_zoo_dir: str | Path | None 
     return None
 
 
+def resolve_base_vlm(model_id_or_path: str | Path,
+                     model_zoo_dir: str | Path | None = None) -> tuple[ModelConfig, Path | None]:
+    """`(model config, run directory)` of a base VLM: a run directory (given, or `<zoo>/<id>`), or `(its registered
+    config, None)` for a tiny registry id, which builds from its seeded initialization. A full-size id without a
+    local run directory is an error that says where to put one."""
+    run_dir = find_run_dir(model_id_or_path, model_zoo_dir)
+    if run_dir is not None:
+        return read_model_config(run_dir), run_dir
+    model_id = str(model_id_or_path)
+    if model_id not in ModelConfig.get_known_choices():
+        raise FileNotFoundError(
+            f"{model_id!r} is neither a run directory nor a registered model id "
+            f"(registered: {sorted(ModelConfig.get_known_choices())}).")
+    model_cfg = ModelConfig.get_choice_class(model_id)()
+    if not model_cfg.llm_backbone_id.startswith("tiny-"):
+        raise FileNotFoundError(
+            f"No local run directory for {model_id!r}. Download its Prismatic checkpoint once (config.json and "
+            f"checkpoints/latest-checkpoint.pt) into <zoo>/{model_id}/ and pass model_zoo_dir or set "
+            f"${MODEL_ZOO_ENV}=<zoo>, or pass the run directory path.")
+    return model_cfg, None
+
+
+def checkpoint_path(run_dir: Path, checkpoint: str | Path | None = None) -> Path:
+    """`checkpoint`, or the run directory's `checkpoints/latest-checkpoint.pt`."""
+    return Path(checkpoint) if checkpoint is not None else Path(run_dir) / CHECKPOINT_SUBDIR / LATEST_CHECKPOINT
+
+
+def read_checkpoint(ckpt_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The module state dicts `{"projector": sd, "llm_backbone": sd[, "vision_backbone": sd]}` of a Prismatic
+    checkpoint, memory-mapped (`torch.load(mmap=True)`, MAP_PRIVATE: nothing is read until a tensor is used). A
+    missing, unreadable or malformed file is an error naming the path (and the missing key)."""
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist (a run directory needs "
+                                f"{CHECKPOINT_SUBDIR}/{LATEST_CHECKPOINT}).")
+    try:
+        with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE):
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # torch's zip reader names no path
+        raise ValueError(f"{ckpt_path} is not a readable torch checkpoint ({str(error).splitlines()[0]}): it is "
+                         "truncated or corrupt. Fix: use another checkpoint of the run (or copy it again).") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{ckpt_path} is not a Prismatic checkpoint: expected a dict with a 'model' dict.")
+    modules = state["model"]
+    for key in REQUIRED_MODULE_KEYS:
+        if key not in modules:
+            raise ValueError(f"{ckpt_path} lacks the required key 'model.{key}' (has {sorted(modules)}).")
+    return modules
+
+
 def load_base_vlm(
     model_id_or_path: str | Path,
     *,
@@ -146,19 +201,8 @@ def load_base_vlm(
     A registry id resolves to `<model_zoo_dir>/<id>` when that run directory exists; tiny ids build from their
     seeded initialization; a full-size id without a local run directory is an error that says where to put one.
     """
-    run_dir = find_run_dir(model_id_or_path, model_zoo_dir)
+    model_cfg, run_dir = resolve_base_vlm(model_id_or_path, model_zoo_dir)
     if run_dir is None:
-        model_id = str(model_id_or_path)
-        if model_id not in ModelConfig.get_known_choices():
-            raise FileNotFoundError(
-                f"{model_id!r} is neither a run directory nor a registered model id "
-                f"(registered: {sorted(ModelConfig.get_known_choices())}).")
-        model_cfg = ModelConfig.get_choice_class(model_id)()
-        if not model_cfg.llm_backbone_id.startswith("tiny-"):
-            raise FileNotFoundError(
-                f"No local run directory for {model_id!r}. Download its Prismatic checkpoint once (config.json and "
-                f"checkpoints/latest-checkpoint.pt) into <zoo>/{model_id}/ and pass model_zoo_dir or set "
-                f"${MODEL_ZOO_ENV}=<zoo>, or pass the run directory path.")
         vlm = build_vlm(model_cfg, vla=vla, norm_stats=norm_stats, llm_hf_dir=llm_hf_dir,
                         inference_mode=inference_mode)
     else:
@@ -173,21 +217,8 @@ def load_run_dir(run_dir: Path, *, vla: bool = False, norm_stats: NormStats | No
                  checkpoint: str | Path | None = None) -> PrismaticVLM:
     """Build the run directory's model and load `checkpoint` (default: its latest-checkpoint.pt) in FP32."""
     model_cfg = read_model_config(run_dir)
-    ckpt_path = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT_SUBDIR / LATEST_CHECKPOINT
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist (a run directory needs "
-                                f"{CHECKPOINT_SUBDIR}/{LATEST_CHECKPOINT}).")
-    try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # torch's zip reader names no path
-        raise ValueError(f"{ckpt_path} is not a readable torch checkpoint ({str(error).splitlines()[0]}): it is "
-                         "truncated or corrupt. Fix: use another checkpoint of the run (or copy it again).") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{ckpt_path} is not a Prismatic checkpoint: expected a dict with a 'model' dict.")
-    modules = state["model"]
-    for key in REQUIRED_MODULE_KEYS:
-        if key not in modules:
-            raise ValueError(f"{ckpt_path} lacks the required key 'model.{key}' (has {sorted(modules)}).")
+    ckpt_path = checkpoint_path(run_dir, checkpoint)
+    modules = read_checkpoint(ckpt_path)
     vlm = build_vlm(model_cfg, vla=vla, norm_stats=norm_stats, llm_hf_dir=llm_hf_dir, inference_mode=inference_mode)
     for key in ALL_MODULE_KEYS:
         if key in modules:

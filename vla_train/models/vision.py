@@ -2,9 +2,10 @@
 
 Every featurizer is built with `pretrained=False` (weights come from checkpoints, never from a download). Its forward
 returns the output of the second-to-last block, without the final norm and with prefix tokens (CLS, registers)
-removed, as the reference does. A fused backbone (DINO + SigLIP, DINO + CLIP) concatenates its featurizers' outputs
-on the feature dimension. Module names (`featurizer`, `dino_featurizer`, `siglip_featurizer`, `clip_featurizer`) are
-the reference checkpoint's keys.
+removed, as the reference does; blocks after it are not run, and the modules it never calls (last block, final norm,
+attention pool, head) are always frozen and FSDP units of their own that are never gathered. A fused backbone
+(DINO + SigLIP, DINO + CLIP) concatenates its featurizers' outputs on the feature dimension. Module names
+(`featurizer`, `dino_featurizer`, `siglip_featurizer`, `clip_featurizer`) are the reference checkpoint's keys.
 """
 
 import types
@@ -105,10 +106,24 @@ def get_vision_backbone_spec(backbone_id: str) -> VisionBackboneSpec:
     return VISION_BACKBONES[backbone_id]
 
 
+# Featurizer children the penultimate-block forward never calls (with the last block): frozen, and FSDP units of
+# their own that are never gathered. They stay in the state dict (checkpoints and exports keep the full ViT).
+UNUSED_TAIL_NAMES = ("norm", "fc_norm", "attn_pool", "head")
+
+
 def _penultimate_block_forward(self: VisionTransformer, pixel_values: torch.Tensor) -> torch.Tensor:
-    """`[B, 3, S, S]` -> `[B, P, D]`: output of block `depth - 2`, no final norm, prefix tokens removed."""
-    (features,) = self.get_intermediate_layers(pixel_values, n=[len(self.blocks) - 2])
+    """`[B, 3, S, S]` -> `[B, P, D]`: output of block `depth - 2`, no final norm, prefix tokens removed. Blocks after
+    `depth - 2` are not run (`stop_early`); the values equal `get_intermediate_layers(x, n=[depth - 2])`."""
+    (features,) = self.forward_intermediates(pixel_values, indices=[len(self.blocks) - 2], stop_early=True,
+                                             intermediates_only=True, output_fmt="NLC")
     return features
+
+
+def unused_featurizer_modules(featurizer: VisionTransformer) -> list[nn.Module]:
+    """The modules with parameters that `_penultimate_block_forward` never calls: the last block, then the final
+    norm, `fc_norm`, SigLIP's attention pool and the head, where present."""
+    tail = [getattr(featurizer, name, None) for name in UNUSED_TAIL_NAMES]
+    return [featurizer.blocks[-1], *(m for m in tail if m is not None and any(True for _ in m.parameters()))]
 
 
 def build_featurizer(spec: FeaturizerSpec, image_size: int) -> VisionTransformer:
@@ -162,6 +177,15 @@ class VisionBackbone(nn.Module):
             raise ValueError(f"Fused featurizers of {backbone_id!r} disagree on the patch count: {sorted(patches)}.")
         self.embed_dim, self.num_patches = sum(dims), patches.pop()
         self.image_transform = ImageTransform(self.keys, transforms)
+        self.requires_grad_(True)  # freezes the unused modules
+
+    def requires_grad_(self, requires_grad: bool = True) -> "VisionBackbone":
+        """Like `nn.Module.requires_grad_`, but the modules the forward never uses (`unused_modules`) always stay
+        frozen: they never get a gradient, so they stay out of the optimizer and never change."""
+        super().requires_grad_(requires_grad)
+        for module in self.unused_modules():
+            module.requires_grad_(False)
+        return self
 
     @staticmethod
     def featurizer_name(key: str) -> str:
@@ -171,17 +195,24 @@ class VisionBackbone(nn.Module):
     def featurizers(self) -> list[VisionTransformer]:
         return [getattr(self, self.featurizer_name(key)) for key in self.keys]
 
+    def unused_modules(self) -> list[nn.Module]:
+        """Per featurizer, the modules its forward never calls (`unused_featurizer_modules`), in featurizer order."""
+        return [module for featurizer in self.featurizers for module in unused_featurizer_modules(featurizer)]
+
     def activation_checkpoint_containers(self) -> list[nn.Module]:
         """Each featurizer's blocks: containers whose items are the activation-checkpointing units (wrapped in
-        place, same state-dict keys)."""
+        place, same state-dict keys; the never-run last block's wrapper costs nothing)."""
         return [featurizer.blocks for featurizer in self.featurizers]
 
     def fsdp_units(self) -> list[nn.Module]:
-        """FSDP units in forward order, inner first: each featurizer's blocks, then the featurizer itself (its patch
-        embedding, prefix tokens and norms). Call after activation checkpointing, which replaces the blocks."""
+        """FSDP units in forward order, inner first: each featurizer's blocks, its unused tail modules (final norm,
+        attention pool...: units of their own, never called, hence never all-gathered), then the featurizer itself
+        (patch embedding, prefix tokens, `norm_pre`). Call after activation checkpointing, which replaces the blocks.
+        """
         units: list[nn.Module] = []
         for featurizer in self.featurizers:
             units.extend(featurizer.blocks)
+            units.extend(unused_featurizer_modules(featurizer)[1:])  # [0] is the last block, already a unit
             units.append(featurizer)
         return units
 

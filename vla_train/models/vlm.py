@@ -3,17 +3,19 @@
 Training forward (facts §4.2): `input_ids [B, T]`, `attention_mask [B, T]`, `pixel_values` (`[B, 3, S, S]` or a dict of
 them), `labels [B, T]`. The LLM sees `[emb(BOS), projected patches [P], emb(rest)]`, i.e. `T + P` positions, with the
 mask extended by ones and the labels by -100 over the patches; the loss is the LLM's mean next-token cross-entropy.
+In train mode with labels, the output is a `SupervisedCausalLMOutput`: the LM head runs only at the supervised
+positions (logits `[N, V]`, with their target `labels [N]` and batch `rows [N]` in input order); in eval mode or
+without labels, the full logits `[B, T + P, V]`.
 """
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vla_train.models.llm import LLMBackbone
+from vla_train.models.llm import IGNORE_INDEX, LLMBackbone, SupervisedCausalLMOutput
 from vla_train.models.projector import build_projector
 from vla_train.models.vision import VisionBackbone
 
-IGNORE_INDEX = -100
 ALL_MODULE_KEYS = ("vision_backbone", "llm_backbone", "projector")
 
 
@@ -81,9 +83,19 @@ class PrismaticVLM(nn.Module):
         fused_embeddings, fused_mask, fused_labels = self._splice(
             embeddings, attention_mask, labels, projected, multimodal_indices
         )
-        return self.llm_backbone(input_ids=None, inputs_embeds=fused_embeddings, attention_mask=fused_mask,
-                                 labels=fused_labels, past_key_values=past_key_values, use_cache=use_cache,
-                                 **llm_kwargs)
+        output = self.llm_backbone(input_ids=None, inputs_embeds=fused_embeddings, attention_mask=fused_mask,
+                                   labels=fused_labels, past_key_values=past_key_values, use_cache=use_cache,
+                                   **llm_kwargs)
+        if isinstance(output, SupervisedCausalLMOutput) and multimodal_indices.numel() != batch:
+            output.rows = self._input_order(multimodal_indices, batch)[output.rows]  # fused row -> input row
+        return output
+
+    @staticmethod
+    def _input_order(multimodal_indices: torch.LongTensor, batch: int) -> torch.LongTensor:
+        """`[B]`: the input row of each fused row (multimodal rows first, then the text-only rows, as `_splice`)."""
+        is_text = torch.ones(batch, dtype=torch.bool, device=multimodal_indices.device)
+        is_text[multimodal_indices] = False
+        return torch.cat([multimodal_indices, is_text.nonzero().flatten()])
 
     @staticmethod
     def _splice(embeddings: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,

@@ -1,169 +1,237 @@
-"""Complete, resumable training checkpoints for FSDP2-sharded models, plus the reference's consolidated `.pt` files.
+"""Complete, resumable training checkpoints for FSDP2-sharded models, saved asynchronously, plus the reference's
+consolidated `.pt` files when asked.
 
 One save writes, under `run_dir/checkpoints/` (facts §1.4, §4.7, §9.4; fixes §12 items 1, 2, 3, 6):
 
-- `step-XXXXXX-epoch-XX-loss=X.XXXX/`: a sharded `torch.distributed.checkpoint` of the model and optimizer (DTensor
-  shards, no gather), the LR scheduler and the train state (step, epoch, loss, whatever the caller adds), plus one
-  `rank-XXXXX.pt` per rank (data-pipeline position, RNG states, rank and world size). It is written as a hidden
-  temporary sibling and renamed by rank 0 once every rank finished; `complete.json` is written last, so a directory
-  with the final name is always complete and discovery ignores everything else.
-- `step-XXXXXX-epoch-XX-loss=X.XXXX.pt`: `{"model": {"vision_backbone", "projector", "llm_backbone"}}` in FP32 full
-  tensors, loadable by `vla_train.models.run_dir.load_run_dir` and by reference tooling (optional:
-  `save_consolidated=False` skips the rank-0 gather of the full model).
-- `latest-checkpoint.pt`: atomically re-pointed (hard link, else copy) at that file; the reference never wrote it.
+- `step-XXXXXX-epoch-XX-loss=X.XXXX/`: a sharded `torch.distributed.checkpoint` of a set of Stateful states (see
+  `checkpoint_state.py`): model and optimizer as DTensor shards (no gather), every other state (LR scheduler, train
+  state) as one blob, plus one `rank-XXXXX.pt` per rank with the per-rank states (data position, RNG states). It is
+  written as a hidden temporary sibling and renamed by rank 0 once every rank's write finished; `complete.json` is
+  written last, so a directory with the final name is always complete and discovery ignores everything else.
+- `step-XXXXXX-epoch-XX-loss=X.XXXX.pt` (optional, `save_consolidated`): `{"model": {"vision_backbone", "projector",
+  "llm_backbone"}}` in FP32 full tensors (a rank-0 gather), loadable by `vla_train.models.run_dir.load_run_dir` and by
+  reference tooling; `latest-checkpoint.pt` is atomically re-pointed (hard link, else copy) at the newest one. A
+  checkpoint without it is consolidated offline on demand (`checkpoint_io.consolidate_checkpoint`, e.g. by export).
 
-Exact resume needs the DCP directory; a `.pt` alone can initialize fine-tuning but not resume.
+Async saves (`async_save=True`): the state is staged to CPU memory (a copy: training continues and mutates the model)
+and the rank files are written before `save` returns; the shards are written by a background thread over a dedicated
+gloo group. At most one save is in flight: the next `save` (or `wait`) first waits for it, agrees with every rank that
+every write succeeded, then commits it (marker, rename, `.pt`, `latest`, pruning) — or raises on every rank, naming
+the checkpoint, and removes its temporary directory. A kill during a background write leaves only a hidden
+temporary directory: the previous complete checkpoint is never touched.
 """
 
 import json
 import os
 import time
 import warnings
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.optim import Optimizer
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 
+from vla_train.config.train import SAVE_CONSOLIDATED
 from vla_train.log import logger
-from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, atomic_torch_save
+from vla_train.models.run_dir import LATEST_CHECKPOINT, atomic_torch_save
+from vla_train.training.checkpoint_discovery import CheckpointDiscovery, CorruptCheckpointError
 from vla_train.training.checkpoint_io import (
     COMPLETE_MARKER,
     FORMAT_VERSION,
     TMP_CONSOLIDATED,
     atomic_link_or_copy,
     atomic_write_text,
-    capture_rng_state,
     checkpoint_name,
     consolidated_path,
     file_sizes,
     from_blob,
-    is_complete,
-    parse_checkpoint_name,
     rank_file_name,
+    rank_states,
     read_marker,
     remove_checkpoint_dir,
     remove_stale_temporaries,
-    restore_rng_state,
     split_module_state,
     to_blob,
 )
+from vla_train.training.checkpoint_state import (
+    MODEL,
+    OPTIMIZER,
+    TRAIN_STATE,
+    ModelState,
+    is_sharded,
+)
 from vla_train.training.distributed import barrier, broadcast_object, run_on_every_rank
+
+__all__ = ["CheckpointManager", "CheckpointWriteError", "CorruptCheckpointError"]
 
 
 def _rank_and_world_size() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _dcp(fn: Any, state: dict[str, Any], path: Path) -> None:
-    """`dcp.save` / `dcp.load`; without a process group, a single-process call without DCP's warning about it."""
+def _dcp(fn: Any, state: dict[str, Any], path: Path, **kwargs: Any) -> Any:
+    """`dcp.save` / `dcp.async_save` / `dcp.load`; without a process group, a single-process call without DCP's
+    warning about it."""
     if dist.is_initialized():
-        fn(state, checkpoint_id=path)
-        return
+        return fn(state, checkpoint_id=path, **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        fn(state, checkpoint_id=path, no_dist=True)
+        return fn(state, checkpoint_id=path, no_dist=True)
 
 
-def _drop_unsaved_optimizer_state(optim_state: dict[str, Any], path: Path) -> None:
-    """Forget the template state of parameters that had none when saved (never given a gradient, e.g. the unused
-    last ViT block): `get_state_dict` initializes every parameter's state on a fresh optimizer, DCP would then
-    report it missing, and the saved optimizer had none. Partially missing states still fail in DCP."""
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    for fqn, param_state in list(optim_state["state"].items()):
-        if not any(f"optimizer.state.{fqn}.{name}" in saved for name in param_state):
-            del optim_state["state"][fqn]
+def _last_line(error: BaseException) -> str:
+    """The gist of an error: DCP's CheckpointException holds every failed rank's traceback."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
-def _state_dicts_to_save(model: nn.Module, optimizer: Optimizer | None) -> tuple[dict, dict | None]:
-    """Sharded (DTensor) model and optimizer state dicts keyed by parameter FQN; collective.
-
-    `get_state_dict` gives a not yet stepped optimizer a state (a zero-lr step); that state is dropped again, so
-    that saving before the first step does not shift AdamW's step count.
-    """
-    if optimizer is None:
-        return get_model_state_dict(model), None
-    had_state = bool(optimizer.state)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    if not had_state:
-        optimizer.state.clear()
-        optim_state["state"] = {}
-    return model_state, optim_state
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint's (background) write failed; nothing was committed."""
 
 
-class CorruptCheckpointError(ValueError):
-    """A complete checkpoint whose files no longer match what was written (truncated, damaged or deleted)."""
+@dataclass
+class _Save:
+    """A save between its start and its commit."""
+
+    name: str
+    tmp: Path
+    final: Path
+    marker: dict[str, Any]
+    started: float
+    future: Future | None = None
+    written_at: list[float] = field(default_factory=list)  # set by the background thread when its write ends
 
 
-class CheckpointManager:
+class CheckpointManager(CheckpointDiscovery):
     """Save, discover, prune and restore checkpoints of one run directory.
 
-    `keep_last_k`: after each successful save, rank 0 deletes all but the newest k complete checkpoints (DCP
-    directory and its `.pt`); None keeps everything.
+    `keep_last_k`: after each commit, rank 0 deletes all but the newest k complete checkpoints (DCP directory and
+    its `.pt`); None keeps everything. `save_consolidated`: when to write the FP32 `.pt` — "every" save, only at the
+    "end" (saves with `final=True`), or "never". `async_save`: write the shards in the background (see above);
+    `final` saves are always synchronous. `model_id` is recorded in the marker (checked before a resume builds).
     """
 
-    def __init__(self, run_dir: str | Path, keep_last_k: int | None = None, *, save_consolidated: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, keep_last_k: int | None = None, *, save_consolidated: str = "every",
+                 async_save: bool = False, model_id: str | None = None) -> None:
+        super().__init__(run_dir)
         if keep_last_k is not None and keep_last_k < 1:
             raise ValueError(f"keep_last_k must be None (keep all) or >= 1, got {keep_last_k}.")
-        self.run_dir = Path(run_dir)
-        self.checkpoint_dir = self.run_dir / CHECKPOINT_SUBDIR
+        if save_consolidated not in SAVE_CONSOLIDATED:
+            raise ValueError(f"save_consolidated = {save_consolidated!r}; expected one of {list(SAVE_CONSOLIDATED)}.")
         self.keep_last_k = keep_last_k
         self.save_consolidated = save_consolidated
+        self.async_save = async_save
+        self.model_id = model_id
+        self.last_save_s: float | None = None  # the last save's duration, background write included once known
+        self._pending: _Save | None = None
+        self._group: dist.ProcessGroup | None = None
 
     # ---------------------------------------------------------------------------------------------------- saving
-    def save(self, step: int, epoch: int, loss: float | None, *, model: nn.Module, optimizer: Optimizer | None,
-             scheduler: Any | None, data_state: dict[str, Any], train_state: dict[str, Any]) -> Path:
-        """Write a complete checkpoint; returns its DCP directory. Collective: call on every rank.
+    def save(self, step: int, epoch: int, loss: float | None, states: Mapping[str, Stateful],
+             per_rank_states: Mapping[str, Stateful] | None = None, *, final: bool = False,
+             consolidate: bool | None = None) -> Path:
+        """Save `states` (one copy: rank 0's, or sharded tensors) and this rank's `per_rank_states`; returns the
+        checkpoint's directory, committed on return unless the save runs in the background. Collective.
 
-        Rank 0's `loss` names the checkpoint and rank 0's `train_state` and scheduler state are stored (the ranks'
-        local losses differ); per-rank state goes in `data_state`. Order: shards and the consolidated `.pt` into a
-        temporary directory, the completion marker (with every file's size), the `.pt` moved into place, then the
-        directory renamed: a committed checkpoint always has its `.pt`. A failure on any rank removes the temporary
-        directory on rank 0 and raises on every rank.
-        """
+        Rank 0's `loss` names the checkpoint. `states[TRAIN_STATE]` (optional) is stored with `step`, `epoch` and
+        `loss` added. `final`: the run's last save (synchronous; consolidated unless `save_consolidated` is
+        "never"); `consolidate` overrides the mode for this save. Raises, on every rank, the failure of the previous
+        background save before starting this one."""
+        self.wait()
         rank, world_size = _rank_and_world_size()
-        loss = None if loss is None else float(loss)
-        for key, value in (("step", step), ("epoch", epoch)):
-            if key in train_state and train_state[key] != value:
-                raise ValueError(f"train_state[{key!r}]={train_state[key]!r} contradicts {key}={value}.")
-        shared = {"scheduler": to_blob(scheduler.state_dict() if scheduler is not None else None),
-                  "train_state": to_blob({**train_state, "step": step, "epoch": epoch, "loss": loss}),
-                  "step": step, "epoch": epoch, "loss": loss}
-        shared = broadcast_object(shared)  # rank 0's loss names the checkpoint
-        step, epoch, loss = shared.pop("step"), shared.pop("epoch"), shared.pop("loss")
-        name = checkpoint_name(step, epoch, loss)
-        final, tmp = self.checkpoint_dir / name, self.checkpoint_dir / f".{name}.tmp"
-        marker = {"version": FORMAT_VERSION, "name": name, "step": step, "epoch": epoch, "loss": loss,
-                  "world_size": world_size, "has_optimizer": optimizer is not None}
-        steps = [("preparing", lambda: self._make_temporary(tmp) if rank == 0 else None),
-                 ("writing", lambda: self._write_shards(tmp, model, optimizer, shared, data_state)),
-                 ("consolidating", lambda: self._save_consolidated(model, tmp, rank) if self.save_consolidated
-                  else None),
-                 ("committing", lambda: self._commit(tmp, final, {**marker, "saved_at": time.time()}) if rank == 0
-                  else None)]
+        started = time.monotonic()
+        header = broadcast_object({"step": step, "epoch": epoch, "loss": None if loss is None else float(loss)})
+        name = checkpoint_name(header["step"], header["epoch"], header["loss"])
+        final_dir = self.checkpoint_dir / name
+        marker = {"version": FORMAT_VERSION, "name": name, **header, "world_size": world_size,
+                  "has_optimizer": OPTIMIZER in states, "states": sorted(states),
+                  "per_rank_states": sorted(per_rank_states or {}), "model_id": self.model_id}
+        save = _Save(name, self.checkpoint_dir / f".{name}.tmp", final_dir, marker, started)
+        if consolidate is None:
+            consolidate = self.save_consolidated == "every" or (self.save_consolidated == "end" and final)
+        background = self.async_save and not final
+        if background and dist.is_initialized() and self._group is None:
+            self._group = dist.new_group(backend="gloo")  # the background thread's collectives: never the training's
+        steps = [("preparing", lambda: self._make_temporary(save.tmp) if rank == 0 else None),
+                 ("consolidating", lambda: self._save_consolidated(states, save.tmp, rank) if consolidate else None),
+                 ("writing", lambda: self._write_rank_file(save.tmp, per_rank_states or {})),
+                 ("reading the states of", lambda: self._blobs(states, header) if rank == 0 else None)]
         try:
             for what, work in steps:
-                run_on_every_rank(work, f"{what} checkpoint {name} (nothing was committed)")
+                blobs = run_on_every_rank(work, f"{what} checkpoint {name} (nothing was committed)")
+            blobs = broadcast_object(blobs)  # rank 0's scheduler and train state
+            run_on_every_rank(lambda: self._write_shards(save, states, blobs, background),
+                              f"writing checkpoint {name} (nothing was committed)")
         except BaseException:
             if rank == 0:
-                remove_checkpoint_dir(tmp)
+                remove_checkpoint_dir(save.tmp)
+            raise
+        self._pending = save
+        if background:
+            self.last_save_s = max(self.last_save_s or 0.0, time.monotonic() - started)
+            logger.info("Checkpoint %s: state staged in %.1f s, writing in the background", name,
+                        time.monotonic() - started)
+            return final_dir
+        self.wait()
+        return final_dir
+
+    @property
+    def in_flight(self) -> str | None:
+        """The name of the save not yet committed (written in the background), or None."""
+        return None if self._pending is None else self._pending.name
+
+    def wait(self) -> Path | None:
+        """Wait for the save in flight (if any) on every rank, then commit it; collective. Raises on every rank
+        when any rank's write failed (the temporary directory is removed). Returns the committed directory."""
+        save, self._pending = self._pending, None
+        if save is None:
+            return None
+        rank, world_size = _rank_and_world_size()
+        try:
+            run_on_every_rank(lambda: self._result(save), f"writing checkpoint {save.name} (nothing was committed)")
+            marker = {**save.marker, "saved_at": time.time()}
+            run_on_every_rank(lambda: self._commit(save.tmp, save.final, marker) if rank == 0 else None,
+                              f"committing checkpoint {save.name} (nothing was committed)")
+        except BaseException:
+            if rank == 0:
+                remove_checkpoint_dir(save.tmp)
             raise
         if rank == 0:
             remove_stale_temporaries(self.checkpoint_dir)
-            self._prune(keep=final)
+            self._prune(keep=save.final)
         barrier()
-        logger.info("Saved checkpoint %s (%d rank files)", final, world_size)
-        return final
+        self.last_save_s = (save.written_at[0] if save.written_at else time.monotonic()) - save.started
+        logger.info("Saved checkpoint %s (%d rank files, %.1f s)", save.final, world_size, self.last_save_s)
+        return save.final
+
+    def close(self) -> None:
+        """Not collective (for error paths): wait for this rank's background write, if any, without committing it
+        (its temporary directory is removed by the next save); a failure is logged."""
+        save, self._pending = self._pending, None
+        if save is not None and save.future is not None:
+            try:
+                save.future.result()
+            except (Exception, CheckpointException) as error:  # logged: the run is already failing
+                logger.error("The background write of checkpoint %s failed: %s", save.name, error)
+            logger.warning("Checkpoint %s was not committed (the run stopped before every rank agreed).", save.name)
+
+    @staticmethod
+    def _result(save: _Save) -> None:
+        if save.future is None:
+            return
+        try:
+            save.future.result()
+        except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
+            raise CheckpointWriteError(
+                f"Writing checkpoint {save.name} in the background failed ({_last_line(error)}); nothing was "
+                "committed, the previous checkpoint is intact.") from error
 
     @staticmethod
     def _make_temporary(tmp: Path) -> None:
@@ -171,18 +239,36 @@ class CheckpointManager:
         tmp.mkdir(parents=True)
 
     @staticmethod
-    def _write_shards(tmp: Path, model: nn.Module, optimizer: Optimizer | None, shared: dict[str, bytes],
-                      data_state: dict[str, Any]) -> None:
-        """Every rank: its DCP shards (model, optimizer; one copy of `shared`), then its own rank file."""
+    def _write_rank_file(tmp: Path, per_rank_states: Mapping[str, Stateful]) -> None:
+        """This rank's states, read now (the save step's), into `rank-XXXXX.pt`."""
         rank, world_size = _rank_and_world_size()
-        model_state, optim_state = _state_dicts_to_save(model, optimizer)
-        state = {"model": model_state, **shared}
-        if optim_state is not None:
-            state["optimizer"] = optim_state
-        _dcp(dcp.save, state, tmp)
-        rank_state = {"version": FORMAT_VERSION, "rank": rank, "world_size": world_size, "data_state": data_state,
-                      "rng": capture_rng_state()}
+        rank_state = {"version": FORMAT_VERSION, "rank": rank, "world_size": world_size,
+                      "states": {key: state.state_dict() for key, state in per_rank_states.items()}}
         atomic_torch_save(rank_state, tmp / rank_file_name(rank))
+
+    @staticmethod
+    def _blobs(states: Mapping[str, Stateful], header: dict[str, Any]) -> dict[str, bytes]:
+        """Rank 0: every state that is not sharded as one opaque blob (the train state with step, epoch, loss)."""
+        values = {key: state.state_dict() for key, state in states.items() if not is_sharded(state)}
+        values[TRAIN_STATE] = {**values.get(TRAIN_STATE, {}), **header}
+        return {key: to_blob(value) for key, value in values.items()}
+
+    def _write_shards(self, save: _Save, states: Mapping[str, Stateful], blobs: dict[str, bytes],
+                      background: bool) -> None:
+        """Every rank: its DCP shards of the sharded states, and one copy of the blobs. In the background: the
+        state is staged (copied to CPU memory) before this returns, the write runs in a thread."""
+        state_dict: dict[str, Any] = {key: state.state_dict() for key, state in states.items() if is_sharded(state)}
+        state_dict.update(blobs)
+        if not background:
+            try:
+                _dcp(dcp.save, state_dict, save.tmp)
+            except CheckpointException as error:  # a BaseException: make it one `run_on_every_rank` agrees on
+                raise CheckpointWriteError(f"Writing checkpoint {save.name} failed ({_last_line(error)}).") from error
+            return
+        kwargs = {"process_group": self._group} if dist.is_initialized() else {}
+        future = _dcp(dcp.async_save, state_dict, save.tmp, **kwargs)
+        save.future = getattr(future, "upload_completion", future)  # an AsyncSaveResponse with async staging
+        save.future.add_done_callback(lambda _: save.written_at.append(time.monotonic()))
 
     @staticmethod
     def _commit(tmp: Path, final: Path, marker: dict[str, Any]) -> None:
@@ -193,6 +279,8 @@ class CheckpointManager:
         atomic_write_text(tmp / COMPLETE_MARKER, json.dumps(marker, indent=2))
         if consolidated.is_file():
             os.replace(consolidated, consolidated_path(final))
+        else:  # a `.pt` of an earlier save of the same step would not match this checkpoint
+            consolidated_path(final).unlink(missing_ok=True)
         if final.exists():  # the same step saved again (e.g. a re-run): replace it
             old = final.with_name(f".{final.name}.old")
             remove_checkpoint_dir(old)
@@ -205,10 +293,13 @@ class CheckpointManager:
             atomic_link_or_copy(consolidated_path(final), final.parent / LATEST_CHECKPOINT)
 
     @staticmethod
-    def _save_consolidated(model: nn.Module, tmp: Path, rank: int) -> None:
+    def _save_consolidated(states: Mapping[str, Stateful], tmp: Path, rank: int) -> None:
         """Gather FP32 full tensors to rank 0's CPU (collective) and write the reference `.pt` into `tmp`."""
+        model_state = states.get(MODEL)
+        if not isinstance(model_state, ModelState):
+            raise ValueError(f"A consolidated checkpoint needs states[{MODEL!r}] to be a ModelState.")
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full_state = get_model_state_dict(model, options=options)  # empty on ranks other than 0
+        full_state = get_model_state_dict(model_state.model, options=options)  # empty on ranks other than 0
         if rank == 0:
             atomic_torch_save({"model": split_module_state(full_state)}, tmp / TMP_CONSOLIDATED)
         del full_state
@@ -223,146 +314,43 @@ class CheckpointManager:
             remove_checkpoint_dir(old)
             consolidated_path(old).unlink(missing_ok=True)
 
-    # ------------------------------------------------------------------------------------------------- discovery
-    def complete_checkpoints(self) -> list[Path]:
-        """Complete DCP checkpoint directories, oldest first (by step, epoch, then save time)."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        found = []
-        for path in self.checkpoint_dir.iterdir():
-            parsed = parse_checkpoint_name(path.name)
-            if parsed is not None and not path.name.endswith(".pt") and is_complete(path):
-                found.append((*parsed, (path / COMPLETE_MARKER).stat().st_mtime, path))
-        return [entry[-1] for entry in sorted(found)]
-
-    def latest_complete(self) -> Path | None:
-        """The newest complete DCP checkpoint directory (temporary and incomplete ones are ignored), or None."""
-        complete = self.complete_checkpoints()
-        return complete[-1] if complete else None
-
-    def latest_verified(self) -> Path | None:
-        """The newest complete checkpoint whose files all have their recorded sizes; a newer damaged one (e.g. a
-        truncated shard) is skipped with a warning that names the bad file."""
-        for path in reversed(self.complete_checkpoints()):
-            try:
-                self.verify(path)
-            except CorruptCheckpointError as error:
-                logger.warning("Skipping a damaged checkpoint: %s Falling back to the previous one.", error)
-                continue
-            return path
-        return None
-
-    @staticmethod
-    def verify(path: Path) -> None:
-        """Raise `CorruptCheckpointError` naming the first file (shard, rank file or `.pt`) that is missing or whose
-        size differs from the completion marker's record; markers of format 1 recorded no sizes and pass."""
-        marker = read_marker(path)
-        expected = {path / name: size for name, size in marker.get("files", {}).items()}
-        if marker.get("consolidated_size") is not None:
-            expected[consolidated_path(path)] = marker["consolidated_size"]
-        for file, size in expected.items():
-            actual = file.stat().st_size if file.is_file() else None
-            if actual != size:
-                found = "is missing" if actual is None else f"has {actual} bytes"
-                raise CorruptCheckpointError(f"{file} {found}, but {size} bytes were written when {path.name} was "
-                                             "saved (truncated or damaged).")
-
-    def find(self, step: int | None = None, epoch: int | None = None, *,
-             checkpoint: str | Path | None = None) -> Path:
-        """The complete DCP directory for `--resume_step/--resume_epoch` and/or a `--pretrained_checkpoint` path.
-
-        `checkpoint` may be a DCP directory, its `step-....pt`, or `latest-checkpoint.pt`; with step/epoch given
-        too, they must agree with its name (the reference's three resume flags, checked with a clear error).
-        """
-        if checkpoint is not None:
-            path = self.find_path(checkpoint)
-            parsed = parse_checkpoint_name(path.name)
-            if parsed is not None and ((step is not None and step != parsed[0]) or
-                                       (epoch is not None and epoch != parsed[1])):
-                raise ValueError(f"{checkpoint} is step {parsed[0]} epoch {parsed[1]}, but resume step={step} "
-                                 f"epoch={epoch} was requested; pass matching values or only the checkpoint.")
-            return path
-        if step is None:
-            raise ValueError("find() needs a step (and optionally an epoch) or a checkpoint path.")
-        complete = self.complete_checkpoints()
-        matches = [p for p in complete if (parsed := parse_checkpoint_name(p.name)) is not None
-                   and parsed[0] == step and (epoch is None or parsed[1] == epoch)]
-        if not matches:
-            raise FileNotFoundError(
-                f"No complete checkpoint for step {step}" + (f" epoch {epoch}" if epoch is not None else "") +
-                f" in {self.checkpoint_dir}. Complete checkpoints: {[p.name for p in complete] or 'none'}; "
-                f"other entries: {self._other_entries(complete) or 'none'}.")
-        if len(matches) > 1:
-            logger.warning("Several checkpoints match step %s: %s; using the newest.", step, [p.name for p in matches])
-        return matches[-1]
-
-    def _other_entries(self, complete: list[Path]) -> list[str]:
-        return sorted(p.name for p in self.checkpoint_dir.iterdir() if p not in complete) \
-            if self.checkpoint_dir.is_dir() else []
-
-    @staticmethod
-    def find_path(checkpoint: str | Path) -> Path:
-        """The complete DCP directory for a DCP directory, a `step-....pt` or a `latest-checkpoint.pt` path."""
-        path = Path(checkpoint)
-        if path.is_dir():
-            read_marker(path)  # raises for an incomplete directory
-            return path
-        if not path.is_file():
-            raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-        if path.name == LATEST_CHECKPOINT:
-            twins = [p for p in path.parent.glob("step-*.pt") if path.samefile(p)]
-            if not twins:
-                raise FileNotFoundError(f"{path} is not a link to a step-....pt in {path.parent}; pass that file, or "
-                                        "the step and epoch, to resume.")
-            path = twins[0]
-        if parse_checkpoint_name(path.name) is None or path.suffix != ".pt":
-            raise ValueError(f"{path} is not named like a checkpoint (step-XXXXXX-epoch-XX-loss=X.XXXX.pt).")
-        directory = path.with_name(path.name.removesuffix(".pt"))
-        if not is_complete(directory):
-            raise FileNotFoundError(
-                f"{path} has no complete sharded checkpoint {directory.name}/ next to it: it holds model weights only "
-                "(e.g. a reference checkpoint), so it can initialize fine-tuning but cannot resume training exactly "
-                "(optimizer, LR schedule, data position and RNG are missing).")
-        return directory
-
     # --------------------------------------------------------------------------------------------------- loading
-    def load(self, path: str | Path, *, model: nn.Module, optimizer: Optimizer | None,
-             scheduler: Any | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore model/optimizer/scheduler in place and this rank's RNG states; returns (train_state, data_state).
+    def load(self, path: str | Path, states: Mapping[str, Stateful],
+             per_rank_states: Mapping[str, Stateful] | None = None) -> dict[str, Any]:
+        """Restore `states` and this rank's `per_rank_states` in place; returns the train state (step, epoch, loss
+        and what `states[TRAIN_STATE]` held). Collective: call on every rank, with the model already sharded (any
+        FSDP layout over the same world size) and the optimizer built on it.
 
-        `path`: a DCP directory (or its `.pt`, see `find_path`). Collective: call on every rank, with the model
-        already sharded (any FSDP layout over the same world size) and the optimizer built on it.
-        """
+        `path`: a DCP directory (or its `.pt`, see `find_path`); format 2 and 3 checkpoints load."""
         path = self.find_path(path)
         rank, world_size = _rank_and_world_size()
         marker = read_marker(path)
         if marker["world_size"] != world_size:
             raise ValueError(f"{path} was saved by {marker['world_size']} ranks, this run has {world_size}: the data "
                              "positions and RNG states are per rank. Resume with the same world size.")
-        if optimizer is not None and not marker.get("has_optimizer", True):
-            raise ValueError(f"{path} was saved without optimizer state; load it with optimizer=None.")
-        rank_state = torch.load(path / rank_file_name(rank), map_location="cpu", weights_only=False)
-        if (rank_state["rank"], rank_state["world_size"]) != (rank, world_size):
-            raise ValueError(f"{path / rank_file_name(rank)} belongs to rank {rank_state['rank']} of "
-                             f"{rank_state['world_size']}, not rank {rank} of {world_size}.")
+        if OPTIMIZER in states and not marker.get("has_optimizer", True):
+            raise ValueError(f"{path} was saved without optimizer state; load it without an optimizer state.")
+        rank_file = torch.load(path / rank_file_name(rank), map_location="cpu", weights_only=False)
+        if (rank_file["rank"], rank_file["world_size"]) != (rank, world_size):
+            raise ValueError(f"{path / rank_file_name(rank)} belongs to rank {rank_file['rank']} of "
+                             f"{rank_file['world_size']}, not rank {rank} of {world_size}.")
+        saved_rank_states = rank_states(rank_file)
+        missing = [key for key in (per_rank_states or {}) if key not in saved_rank_states]
+        saved_keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        missing += [key for key in states if not any(k == key or k.startswith(f"{key}.") for k in saved_keys)]
+        if missing:
+            saved = marker.get("states", "model, optimizer, scheduler, train_state")
+            raise ValueError(f"{path} holds no {missing} state (it has {sorted(saved_rank_states)} per rank and "
+                             f"{saved}); load it without them.")
 
-        state: dict[str, Any] = {"scheduler": b"", "train_state": b""}
-        if optimizer is None:
-            state["model"] = get_model_state_dict(model)
-        else:  # templates: get_state_dict gives the fresh optimizer a state for every parameter
-            state["model"], optim_state = get_state_dict(model, optimizer)
-            _drop_unsaved_optimizer_state(optim_state, path)
-            state["optimizer"] = optim_state
-        _dcp(dcp.load, state, path)
-        set_model_state_dict(model, state["model"])
-        if optimizer is not None:  # not strict: parameters dropped above had no state when saved (DCP checked the rest)
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
-        scheduler_state = from_blob(state["scheduler"])
-        if scheduler is not None:
-            if scheduler_state is None:
-                raise ValueError(f"{path} holds no scheduler state; load it with scheduler=None.")
-            scheduler.load_state_dict(scheduler_state)
-        restore_rng_state(rank_state["rng"])
+        template: dict[str, Any] = {TRAIN_STATE: b""}
+        for key, state in states.items():
+            template[key] = (state.load_template(path) if hasattr(state, "load_template") else state.state_dict()) \
+                if is_sharded(state) else b""
+        _dcp(dcp.load, template, path)
+        for key, state in states.items():
+            state.load_state_dict(template[key] if is_sharded(state) else from_blob(template[key]))
+        for key, state in (per_rank_states or {}).items():
+            state.load_state_dict(saved_rank_states[key])
         logger.info("Loaded checkpoint %s (step %s, epoch %s)", path, marker["step"], marker["epoch"])
-        return from_blob(state["train_state"]), rank_state["data_state"]
-
+        return from_blob(template[TRAIN_STATE])

@@ -16,12 +16,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from vla_train.log import logger
+from vla_train.models.run_dir import atomic_torch_save
 from vla_train.models.vlm import ALL_MODULE_KEYS
 
 COMPLETE_MARKER = "complete.json"
-FORMAT_VERSION = 2  # 2: the marker records every file's size and the consolidated `.pt`'s
+# 2: the marker records every file's size and the consolidated `.pt`'s; 3: rank files hold a `states` dict (named
+# per-rank Stateful states) instead of `data_state`/`rng`, the `.pt` is optional. Versions 2 and 3 are read.
+FORMAT_VERSION = 3
 TMP_CONSOLIDATED = "consolidated.pt"  # the `.pt` inside the temporary directory, moved next to it at commit
 CHECKPOINT_NAME_RE = re.compile(r"^step-(?P<step>\d+)-epoch-(?P<epoch>\d+)-loss=(?P<loss>[^/]+?)$")
 WRAPPER_NAME_PARTS = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
@@ -172,3 +178,28 @@ def split_module_state(full_state: dict[str, torch.Tensor]) -> dict[str, dict[st
             raise ValueError(f"State-dict key {key!r} is not under one of {list(MODULE_KEYS)}: not a PrismaticVLM.")
         modules[prefix][rest] = tensor.float() if tensor.is_floating_point() else tensor
     return modules
+
+
+def rank_states(rank_file: dict[str, Any]) -> dict[str, Any]:
+    """The named per-rank states of a rank file; version-2 files (`data_state`, `rng`) as `{"data", "rng"}`."""
+    if "states" in rank_file:
+        return rank_file["states"]
+    return {"data": rank_file["data_state"], "rng": rank_file["rng"]}
+
+
+def consolidate_checkpoint(checkpoint_dir: Path) -> Path:
+    """The consolidated `.pt` of a complete DCP checkpoint, written now (single process, no process group) when the
+    checkpoint was saved without one: the model's tensors read from the shards, upcast to FP32 (a frozen backbone
+    trained in bf16 is stored as bf16), written atomically next to the directory. Returns the `.pt` path."""
+    target = consolidated_path(checkpoint_dir)
+    if target.is_file():
+        return target
+    read_marker(checkpoint_dir)  # raises for an incomplete directory
+    logger.info("Consolidating %s into %s (it was saved without a consolidated .pt)", checkpoint_dir, target.name)
+    loaded: dict[str, Any] = {}
+    _load_state_dict(loaded, storage_reader=FileSystemReader(checkpoint_dir),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    if not loaded.get("model"):
+        raise ValueError(f"{checkpoint_dir} holds no model tensors: not a vla-train training checkpoint.")
+    atomic_torch_save({"model": split_module_state(loaded["model"])}, target)
+    return target

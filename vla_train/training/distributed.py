@@ -132,6 +132,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s values of `tensor` (same shape and dtype on every rank), in place, through the device the
+    backend takes; returns `tensor`. Collective: call on every rank. Without a process group, returns `tensor`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    work = tensor.to(collective_device()).contiguous()
+    dist.broadcast(work, src=src)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
 def run_on_every_rank(work: Callable[[], Any], what: str) -> Any:
     """Run this rank's part of a step (`work`, possibly a no-op on some ranks), then agree with the other ranks
     (collective): a failure on any rank raises on every rank (its own error there, a RuntimeError naming `what` on

@@ -18,14 +18,15 @@ Forward FLOPs, per part (D model width, H MLP hidden, N tokens, dims of each fea
 - ViT featurizer, per image: patch embedding `2 Np (3 p^2) D`; per block used, `N = Np + prefix tokens`:
   `2 N (4 D^2)` (QKV + out projections) + `2 N (m D H)` (MLP, m = 2 matrices, 3 if gated) + `4 N^2 D` (attention).
   Blocks used: the featurizer's output is block `depth - 2` (the reference's penultimate layer), so `depth - 1`
-  blocks (timm also runs the last block, whose output is discarded: waste, not model FLOPs).
+  blocks (the last block is not run).
 - projector, per image: `2 P sum(in * out)` over its Linear layers.
 - LLM, per sample of `S` positions, per decoder layer: `2 S d (q + 2 kv + q)` (Q, K, V, O projections, with
   `q = heads * head_dim`, `kv = kv_heads * head_dim`) + `2 S (m d I)` (MLP, m = 3 gated, 2 for Phi) + `4 S^2 q`
-  (attention); the output head `2 S d V` (V the embedding rows). The loss on every position is counted.
+  (attention); the output head `2 d V` (V the embedding rows) per supervised token only: training computes logits
+  only where a label is supervised (`LLMBackbone.forward`).
 
-So one sample costs `c0 + c1 S + c2 S^2` FLOPs (`FlopsModel`), a polynomial the meter evaluates on device from the
-micro-batch's attention-mask sums (no host sync).
+So one sample costs `c0 + c1 S + c2 S^2 + cs N` FLOPs (`FlopsModel`; N its supervised tokens), a polynomial the
+meter evaluates on device from the micro-batch's attention-mask sums and supervised-token count (no host sync).
 """
 
 from dataclasses import dataclass
@@ -165,24 +166,28 @@ def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class FlopsModel:
-    """Training FLOPs of one sample of `S = T + num_patches` LLM positions: `per_sample + per_token S +
-    per_token_pair S^2` (forward and backward, multipliers applied; see the module docstring)."""
+    """Training FLOPs of one sample of `S = T + num_patches` LLM positions and N supervised tokens:
+    `per_sample + per_token S + per_token_pair S^2 + per_supervised_token N` (forward and backward, multipliers
+    applied; see the module docstring)."""
 
     per_sample: float  # c0: vision towers + projector
-    per_token: float  # c1: LLM dense layers + output head
+    per_token: float  # c1: LLM dense layers
     per_token_pair: float  # c2: LLM attention
     num_patches: int
+    per_supervised_token: float = 0.0  # cs: the output head (logits only where a label is supervised)
 
-    def sample_flops(self, text_tokens: int) -> float:
-        """FLOPs of one sample with `text_tokens` (unpadded) text tokens."""
+    def sample_flops(self, text_tokens: int, supervised_tokens: int = 0) -> float:
+        """FLOPs of one sample with `text_tokens` (unpadded) text tokens, `supervised_tokens` of them labelled."""
         positions = text_tokens + self.num_patches
-        return self.per_sample + self.per_token * positions + self.per_token_pair * positions ** 2
+        return (self.per_sample + self.per_token * positions + self.per_token_pair * positions ** 2
+                + self.per_supervised_token * supervised_tokens)
 
-    def batch_flops(self, text_lengths: torch.Tensor) -> torch.Tensor:
+    def batch_flops(self, text_lengths: torch.Tensor, supervised_tokens: torch.Tensor | int = 0) -> torch.Tensor:
         """Sum over a micro-batch: `text_lengths [B]` unpadded text tokens per sample (attention-mask sums, any
-        device) -> a 0-d float64 tensor on the same device. No host sync."""
+        device) and the batch's supervised-token count -> a 0-d float64 tensor on the same device. No host sync."""
         positions = text_lengths.to(torch.float64) + self.num_patches
-        return (self.per_sample + positions * self.per_token + positions.square() * self.per_token_pair).sum()
+        dense = (self.per_sample + positions * self.per_token + positions.square() * self.per_token_pair).sum()
+        return dense + self.per_supervised_token * supervised_tokens
 
 
 def _multiplier(trains: bool, gradient_passes: bool) -> int:
@@ -231,6 +236,6 @@ def flops_model_for_vlm(vlm: nn.Module, llm_input_requires_grad: bool = True) ->
         per_token += _multiplier(trains, upstream) * dims.layer_dense_per_token()
         per_token_pair += (3 if trains or upstream else 1) * dims.layer_attention_per_token_pair()
         upstream |= trains
-    per_token += _multiplier(_trains(llm.get_output_embeddings()), upstream) * dims.head_per_token()
+    head = _multiplier(_trains(llm.get_output_embeddings()), upstream) * dims.head_per_token()
     return FlopsModel(per_sample=float(per_sample), per_token=float(per_token),
-                      per_token_pair=float(per_token_pair), num_patches=num_patches)
+                      per_token_pair=float(per_token_pair), num_patches=num_patches, per_supervised_token=float(head))

@@ -188,7 +188,7 @@ def project_substitutions(model_id: str, device: torch.device, peak_flops: float
         factory.vlm = _build_random_vlm(model_id, device, llm_layers)
         return factory.vlm
 
-    def skip_save(self, step, epoch, result):
+    def skip_save(self, step, epoch, result, **_):
         logger.info("gpu_check: checkpoint at step %d skipped.", step)
 
     with ExitStack() as stack:

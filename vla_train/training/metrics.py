@@ -104,32 +104,56 @@ class ActionMetrics:
     @torch.no_grad()
     def accumulate(self, logits: torch.Tensor, labels: torch.Tensor,
                    dataset_names: Sequence[bytes | str] | None = None) -> None:
-        """Add one micro-batch: `logits [B, T + P, V]`, text `labels [B, T]` (before patch splicing, -100 = ignored,
-        on the logits' device), `dataset_names` B names (bytes or str). Asynchronous: no GPU->CPU sync."""
+        """Add one micro-batch of full logits (eval): `logits [B, T + P, V]`, text `labels [B, T]` (before patch
+        splicing, -100 = ignored, on the logits' device), `dataset_names` B names (bytes or str). Asynchronous: no
+        GPU->CPU sync."""
         num_patches = self.num_patches
         batch, length = labels.shape
         if logits.shape[:2] != (batch, length + num_patches):
             raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} plus "
                              f"{num_patches} patches.")
-        device = logits.device
-        labels = labels.to(device, non_blocking=True)
+        labels = labels.to(logits.device, non_blocking=True)
         shifted = logits[:, num_patches:-1]  # position P + j predicts text token j + 1
-        gt = labels[:, 1:]  # [B, T - 1]
-        token_loss = F.cross_entropy(shifted.float().flatten(0, 1), gt.flatten(), ignore_index=IGNORE_INDEX,
-                                     reduction="none").view(batch, length - 1)
-        preds = shifted.argmax(dim=-1)
-        mask = (gt > self.action_token_begin_idx) & (gt < self.vocab_end)  # action tokens only (facts §9.5)
+        rows = torch.arange(batch, device=logits.device).repeat_interleave(length - 1)
+        self._add_tokens(shifted.flatten(0, 1), labels[:, 1:].flatten(), rows, batch, dataset_names)
+
+    @torch.no_grad()
+    def accumulate_supervised(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, batch_size: int,
+                              dataset_names: Sequence[bytes | str] | None = None) -> None:
+        """Add one micro-batch of training output (`SupervisedCausalLMOutput`): `logits [N, V]` at the supervised
+        positions only, the token each predicts `labels [N]`, its batch row `rows [N]` (in `[0, batch_size)`),
+        `dataset_names` batch_size names. Equals `accumulate` on the full logits. Asynchronous: no GPU->CPU sync."""
+        if logits.dim() != 2 or labels.shape != logits.shape[:1] or rows.shape != labels.shape:
+            raise ValueError(f"Supervised logits {tuple(logits.shape)} need labels and rows of shape "
+                             f"({logits.shape[0]},), got {tuple(labels.shape)} and {tuple(rows.shape)}.")
+        self._add_tokens(logits, labels, rows, batch_size, dataset_names)
+
+    def accumulate_output(self, output: Any, labels: torch.Tensor,
+                          dataset_names: Sequence[bytes | str] | None = None) -> None:
+        """Add a model output: a training output with supervised-only logits (it has `rows`), else full logits.
+        `labels [B, T]` are the text labels of the batch."""
+        if getattr(output, "rows", None) is not None:
+            self.accumulate_supervised(output.logits.detach(), output.labels, output.rows, labels.shape[0],
+                                       dataset_names)
+        else:
+            self.accumulate(output.logits.detach(), labels, dataset_names)
+
+    def _add_tokens(self, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, batch: int,
+                    dataset_names: Sequence[bytes | str] | None) -> None:
+        """Add `M` predictions: `logits [M, V]`, `targets [M]` (-100 = ignored), `rows [M]` in `[0, batch)`."""
+        device = logits.device
+        token_loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        preds = logits.argmax(dim=-1)
+        mask = (targets > self.action_token_begin_idx) & (targets < self.vocab_end)  # action tokens (facts §9.5)
         if self._centers.device != device:
             self._centers = self._centers.to(device)
-        l1 = torch.where(mask, (self._decode(preds) - self._decode(gt)).abs(), 0.0)
-        per_sample = torch.stack([
-            token_loss.double().sum(dim=1),
-            (gt != IGNORE_INDEX).sum(dim=1).double(),
-            ((preds == gt) & mask).sum(dim=1).double(),
-            mask.sum(dim=1).double(),
-            l1.sum(dim=1),
-            torch.ones(batch, dtype=torch.float64, device=device),
-        ], dim=1)  # [B, 6]
+        l1 = torch.where(mask, (self._decode(preds) - self._decode(targets)).abs(), 0.0)
+        per_token = torch.stack([token_loss.double(), (targets != IGNORE_INDEX).double(),
+                                 ((preds == targets) & mask).double(), mask.double(), l1,
+                                 torch.zeros_like(l1)], dim=1)  # [M, 6]
+        per_sample = torch.zeros(batch, _NUM_COLUMNS, dtype=torch.float64, device=device)
+        per_sample[:, _SAMPLES] = 1.0
+        per_sample.index_add_(0, rows.to(device), per_token)  # [B, 6]
         if self._sums.device != device:
             self._sums, self.device = self._sums.to(device), device
         self._sums[0] += per_sample.sum(dim=0)
@@ -213,7 +237,7 @@ class ThroughputMeter:
         self._tokens[0] += tokens
         self._tokens[1] += supervised_tokens
         if self.flops_model is not None and text_lengths is not None:
-            self._tokens[2] += self.flops_model.batch_flops(text_lengths).to(self._tokens.device)
+            self._tokens[2] += self.flops_model.batch_flops(text_lengths, supervised_tokens).to(self._tokens.device)
 
     def step(self) -> None:
         """Mark the end of one optimizer step."""

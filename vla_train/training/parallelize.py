@@ -69,10 +69,14 @@ def parallelize_vlm(vlm: PrismaticVLM, ctx: DistributedContext, *, strategy: str
                     activation_checkpointing: bool = True, checkpoint_vision_blocks: bool = False) -> PrismaticVLM:
     """Apply activation checkpointing and FSDP2 in place (collective: call on every rank); returns the model.
 
+    A model with real weights moves to `ctx.device` first; a model built on the meta device is sharded there, and
+    `training.loading.load_weights` then materializes and fills each rank's shards.
+
     `strategy` is a `TRAIN_STRATEGIES` name or a reference id, resolved for `ctx.num_nodes` nodes.
     """
     resolved = resolve_train_strategy(strategy, ctx.num_nodes)
-    vlm.to(ctx.device)
+    if not any(param.is_meta for param in vlm.parameters()):  # a meta-device model stays there: each rank
+        vlm.to(ctx.device)  # allocates and fills only its shards afterwards (training/loading.py)
     if mixed_precision and stage not in STAGES_TRAINING_VISION:
         vlm.vision_backbone.to(torch.bfloat16)
     if activation_checkpointing:

@@ -19,7 +19,7 @@ from vla_train.data.statistics import save_dataset_statistics
 from vla_train.log import logger
 from vla_train.models.run_dir import CHECKPOINT_SUBDIR, find_run_dir, read_model_config
 from vla_train.training.checkpoint import CheckpointManager
-from vla_train.training.checkpoint_io import read_marker, utc_stamp
+from vla_train.training.checkpoint_io import consolidate_checkpoint, read_marker, utc_stamp
 from vla_train.training.distributed import DistributedContext, broadcast_object
 from vla_train.training.run_lock import LOCK_NAME, RunDirectoryError, RunDirLock, acquire_run_lock
 
@@ -91,6 +91,22 @@ def _same_base_vlm(saved: str, current: str) -> bool:
     return saved_dir is not None and current_dir is not None and saved_dir.resolve() == current_dir.resolve()
 
 
+def _recorded_model_id(run_dir: Path) -> str | None:
+    """The model id a run directory's config.json records, or None when it records none."""
+    try:
+        return read_model_config(run_dir).model_id
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def _model_id(cfg: TrainConfig) -> str | None:
+    """The model id this run would build (None when `vla.base_vlm` does not resolve: reported later, by name)."""
+    try:
+        return resolve_model_config(cfg).model_id
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
 def check_resume_matches(cfg: TrainConfig, saved_run_dir: Path, world_size: int, resume_from: Path | None) -> None:
     """The resumed run's saved config and checkpoint must agree with this one; one error lists every difference."""
     saved = load_train_config(saved_run_dir)
@@ -101,9 +117,13 @@ def check_resume_matches(cfg: TrainConfig, saved_run_dir: Path, world_size: int,
         if not same:
             differences.append(f"{name}: {old!r} in the saved run, {new!r} now")
     if resume_from is not None:
-        saved_world_size = read_marker(resume_from)["world_size"]
-        if saved_world_size != world_size:
-            differences.append(f"world size: {saved_world_size} ranks saved {resume_from.name}, {world_size} now")
+        marker = read_marker(resume_from)
+        if marker["world_size"] != world_size:
+            differences.append(f"world size: {marker['world_size']} ranks saved {resume_from.name}, {world_size} now")
+        saved_model, model = marker.get("model_id") or _recorded_model_id(saved_run_dir), _model_id(cfg)
+        if saved_model is not None and model is not None and saved_model != model:
+            differences.append(f"model: {saved_model} saved {resume_from.name}, {model} now (--vla.base_vlm "
+                               f"{cfg.vla.base_vlm})")
     if differences:
         raise RunDirectoryError(
             f"Cannot resume {saved_run_dir}: this run differs from the saved one in what an exact resume needs:\n  "
@@ -135,7 +155,8 @@ def _clear_run_dir(run_dir: Path) -> None:
 
 def _check_pretrained_checkpoint(checkpoint: Path) -> None:
     """A `--pretrained_checkpoint` must sit in `<run_dir>/checkpoints/` next to `<run_dir>/config.json` and be a
-    complete torch zip archive (the central directory at the end of the file is read, not the whole file)."""
+    complete torch zip archive (the central directory at the end of the file is read, not the whole file), or a
+    complete sharded checkpoint (its directory, or its `.pt` name when it was saved without one)."""
     config = checkpoint.parents[1] / "config.json" if len(checkpoint.parents) > 1 else None
     if checkpoint.parent.name != CHECKPOINT_SUBDIR or config is None or not config.is_file():
         raise RunDirectoryError(
@@ -143,6 +164,13 @@ def _check_pretrained_checkpoint(checkpoint: Path) -> None:
             f"{CHECKPOINT_SUBDIR}/{checkpoint.name} with <run_dir>/config.json describing its model. Fix: pass a "
             "checkpoint of a training or base-VLM run directory, or import a Hugging Face export with "
             "vla-scripts/import_hf.py first.")
+    if not checkpoint.is_file():
+        try:
+            CheckpointManager.find_path(checkpoint)
+        except (FileNotFoundError, ValueError) as error:
+            raise RunDirectoryError(f"--pretrained_checkpoint {checkpoint}: {error} Fix: pass a complete checkpoint "
+                                    "of that run.") from None
+        return
     try:
         zipfile.ZipFile(checkpoint).close()
     except (zipfile.BadZipFile, OSError) as error:
@@ -170,8 +198,9 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return None
 
 
-def _decide(cfg: TrainConfig, run_dir: Path, world_size: int) -> tuple[Path | None, dict[str, Any]]:
-    """Rank 0: every check on the run directory, the resume and the model; nothing is written."""
+def _decide(cfg: TrainConfig, run_dir: Path, world_size: int) -> tuple[Path | None, dict[str, Any], Path | None]:
+    """Rank 0: every check on the run directory, the resume and the model; nothing is written in `run_dir`. Returns
+    (checkpoint to resume from, model section, consolidated `.pt` written to fine-tune from or None)."""
     if cfg.pretrained_checkpoint is not None:
         _check_pretrained_checkpoint(Path(cfg.pretrained_checkpoint))
     resume_from = resolve_resume(cfg, run_dir)
@@ -189,7 +218,11 @@ def _decide(cfg: TrainConfig, run_dir: Path, world_size: int) -> tuple[Path | No
             "continue it, --run_id <new id> (or --run_id_note) to start a new run beside it, or --overwrite true to "
             "delete it and start over.")
     model = model_config_section(resolve_model_config(cfg))
-    return resume_from, model
+    weights = None
+    if cfg.pretrained_checkpoint is not None and not cfg.is_resume and not Path(cfg.pretrained_checkpoint).is_file():
+        # fine-tuning from a checkpoint saved without its `.pt`: consolidate it next to it (offline, rank 0)
+        weights = consolidate_checkpoint(CheckpointManager.find_path(Path(cfg.pretrained_checkpoint)))
+    return resume_from, model, weights
 
 
 def prepare_run_dir(cfg: TrainConfig, ctx: DistributedContext, run_dir: Path) -> RunPlan:
@@ -216,7 +249,9 @@ def prepare_run_dir(cfg: TrainConfig, ctx: DistributedContext, run_dir: Path) ->
         if plan is not None:
             plan.release(failed=True)
         raise decision
-    resume_from, model = decision
+    resume_from, model, weights = decision
+    if weights is not None:  # every rank reads the consolidated `.pt` rank 0 wrote
+        cfg.pretrained_checkpoint = weights
     if plan is None:
         plan = RunPlan(run_dir, resume_from, model)
     plan.resume_from, plan.model_config = resume_from, model

@@ -3,26 +3,34 @@ optimizer, schedule, checkpoints, metrics. `build_session` validates the whole c
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from vla_train.config.train import TrainConfig, resolve_run_id, validate_train_config
 from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.data.interleave import PipelineConfig
+from vla_train.data.prefetch import BatchPrefetcher
 from vla_train.data.torch_dataset import RLDSBatchTransform, RLDSDataset
 from vla_train.log import logger, setup_logging
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.build import check_all_fp32
 from vla_train.models.freezing import freeze_backbones
-from vla_train.models.run_dir import load_base_vlm, load_run_dir
 from vla_train.models.vlm import PrismaticVLM
 from vla_train.training.checkpoint import CheckpointManager
+from vla_train.training.checkpoint_state import training_states
 from vla_train.training.distributed import DistributedContext, init_distributed, run_on_every_rank
+from vla_train.training.loading import (
+    ModelSource,
+    base_vlm_source,
+    build_meta_vlm,
+    is_on_meta,
+    load_weights,
+    run_dir_source,
+)
 from vla_train.training.optim import build_lr_scheduler, build_optimizer, num_training_steps, record_parameter_shapes
 from vla_train.training.parallelize import parallelize_vlm
 from vla_train.training.run_guard import RunPlan, prepare_run_dir, write_run_files
@@ -38,7 +46,7 @@ class TrainingSession:
     vlm: PrismaticVLM
     action_tokenizer: ActionTokenizer
     dataset: RLDSDataset
-    loader: DataLoader
+    loader: BatchPrefetcher  # the training batches; its state_dict() (and dataset's) = frames consumed
     optimizer: torch.optim.Optimizer
     scheduler: Any
     checkpoints: CheckpointManager
@@ -58,12 +66,18 @@ def seed_everything(seed: int, rank: int) -> None:
     os.environ["EXPERIMENT_GLOBAL_SEED"] = str(seed)
 
 
-def load_model(cfg: TrainConfig) -> PrismaticVLM:
-    """The model in FP32 before any resume: the base VLM, or a checkpoint to fine-tune from."""
+def model_source(cfg: TrainConfig) -> ModelSource:
+    """The weights to train from, before any resume: a checkpoint to fine-tune from, else the base VLM."""
     if cfg.pretrained_checkpoint is not None and not cfg.is_resume:
         checkpoint = Path(cfg.pretrained_checkpoint)
-        return load_run_dir(checkpoint.parents[1], checkpoint=checkpoint)
-    return load_base_vlm(cfg.vla.base_vlm)
+        return run_dir_source(checkpoint.parents[1], checkpoint=checkpoint)
+    return base_vlm_source(cfg.vla.base_vlm)
+
+
+def load_model(cfg: TrainConfig) -> PrismaticVLM:
+    """The model to train, FP32, on the meta device (no storage; its checkpoint checked on rank 0): its weights are
+    loaded after `parallelize_vlm`, shard by shard (`training/loading.py`). Collective."""
+    return build_meta_vlm(model_source(cfg))
 
 
 def build_dataset(cfg: TrainConfig, ctx: DistributedContext, vlm: PrismaticVLM,
@@ -111,26 +125,31 @@ def _build(cfg: TrainConfig, ctx: DistributedContext, run_id: str, plan: RunPlan
                       f"writing the run files of {plan.run_dir}")
 
     collator = PaddedCollatorForActionPrediction(tokenizer.model_max_length, tokenizer.pad_token_id)
-    loader = DataLoader(dataset, batch_size=cfg.vla.per_device_batch_size, collate_fn=collator, num_workers=0)
+    # uint8 pixels from the background thread, normalized on the device (dataset.batch_transform stays float32)
+    loader = BatchPrefetcher(dataset, replace(dataset.batch_transform, uint8_pixels=True), collator,
+                             cfg.vla.per_device_batch_size, depth=cfg.prefetch_batches, device=ctx.device,
+                             normalize=vlm.vision_backbone.get_image_transform().normalize_on_device)
     shapes = record_parameter_shapes(vlm)
     parallelize_vlm(vlm, ctx, strategy=cfg.vla.train_strategy, stage=stage,
                     mixed_precision=cfg.vla.enable_mixed_precision_training,
                     reduce_in_full_precision=cfg.vla.reduce_in_full_precision,
                     activation_checkpointing=cfg.vla.enable_gradient_checkpointing,
                     checkpoint_vision_blocks=cfg.vla.checkpoint_vision_blocks)
+    if is_on_meta(vlm):  # load_model's model (a substitute, e.g. gpu_check's, may come with its weights)
+        load_weights(vlm, model_source(cfg), ctx, stream=plan.resume_from is None)  # a resume loads its own
     optimizer = build_optimizer(vlm, cfg.vla.learning_rate, cfg.vla.weight_decay, shapes)
     total_steps = num_training_steps(cfg.vla.max_steps, cfg.vla.epochs, len(dataset), cfg.vla.global_batch_size)
     scheduler = build_lr_scheduler(optimizer, cfg.vla.lr_scheduler_type, total_steps, cfg.vla.warmup_ratio)
     session = TrainingSession(
         cfg=cfg, ctx=ctx, run_id=run_id, run_dir=plan.run_dir, plan=plan, vlm=vlm,
         action_tokenizer=action_tokenizer, dataset=dataset, loader=loader, optimizer=optimizer, scheduler=scheduler,
-        checkpoints=CheckpointManager(plan.run_dir, keep_last_k=cfg.keep_last_k), total_steps=total_steps,
+        checkpoints=CheckpointManager(plan.run_dir, keep_last_k=cfg.keep_last_k,
+                                      save_consolidated=cfg.save_consolidated, async_save=cfg.async_checkpoint,
+                                      model_id=plan.model_config.get("type")), total_steps=total_steps,
         steps_per_epoch=max(1, len(dataset) // cfg.vla.global_batch_size),
         grad_accumulation_steps=cfg.vla.grad_accumulation_steps(ctx.world_size))
     if plan.resume_from is not None:
-        train_state, data_state = session.checkpoints.load(plan.resume_from, model=vlm, optimizer=optimizer,
-                                                           scheduler=scheduler)
-        dataset.load_state_dict(data_state)
+        train_state = session.checkpoints.load(plan.resume_from, *training_states(vlm, optimizer, scheduler, dataset))
         session.start_step, session.start_epoch = int(train_state["step"]), int(train_state["epoch"])
         logger.info("Resumed exactly from %s at step %d", plan.resume_from, session.start_step)
     logger.info("Run %s: %d steps (%d per epoch), global batch %d = %d per device x %d ranks x %d accumulation",

@@ -21,7 +21,9 @@ import draccus
 import torch
 import torch.distributed as dist
 
+from vla_train.data.prefetch import DEVICE_INPUTS
 from vla_train.log import logger
+from vla_train.training.checkpoint_state import TRAIN_STATE, DictState, training_states
 from vla_train.training.distributed import DistributedContext, all_reduce
 from vla_train.training.flops import flops_model_for_vlm, resolve_peak_flops
 from vla_train.training.metrics import ActionMetrics, ProgressBar, ThroughputMeter, reduce_metrics
@@ -116,7 +118,16 @@ class StopSignal:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The model inputs of a collated CPU batch on `device`. A prefetched batch (`BatchPrefetcher`) brings them
+    staged (copied ahead on a side stream, uint8 pixels normalized on the device), popped here so that the device
+    tensors die with the micro-batch; otherwise the batch's float pixels are copied as they are."""
+    staged = batch.pop(DEVICE_INPUTS, None)
+    if staged is not None:
+        return staged.take()
     pixels = batch["pixel_values"]
+    if any(p.dtype == torch.uint8 for p in (pixels.values() if isinstance(pixels, dict) else [pixels])):
+        raise ValueError("uint8 pixel_values need device normalization: iterate a BatchPrefetcher (or pass float "
+                         "pixels from ImageTransform.__call__).")
     pixels = {k: v.to(device, non_blocking=True) for k, v in pixels.items()} if isinstance(pixels, dict) \
         else pixels.to(device, non_blocking=True)
     return {"input_ids": batch["input_ids"].to(device, non_blocking=True),
@@ -171,9 +182,10 @@ class Trainer:
         self.signal = StopSignal(cfg.signal_save_budget_s)
 
     def _count(self, batch: dict[str, Any], inputs: dict[str, Any], output: Any) -> None:
-        """Metrics of one micro-batch, accumulated on the device (no sync)."""
+        """Metrics of one micro-batch, accumulated on the device (no sync); the training output carries logits at
+        the supervised positions only (`SupervisedCausalLMOutput`), a full output works too."""
         labels = inputs["labels"]
-        self.metrics.accumulate(output.logits.detach(), labels, batch.get("dataset_names", []))
+        self.metrics.accumulate_output(output, labels, batch.get("dataset_names", []))
         text_lengths = inputs["attention_mask"].sum(dim=1)
         self.throughput.count(labels.shape[0], text_lengths.sum() + labels.shape[0] * self.s.vlm.num_patches,
                               (labels[:, 1:] != IGNORE_INDEX).sum(), text_lengths=text_lengths)
@@ -210,24 +222,30 @@ class Trainer:
                 if step % cfg.log_interval == 0 or last:
                     result.record(self._log(step, epoch, grad_norm))
                 if (step % cfg.save_interval == 0 or last) and (stop.save or not stop.stop):
-                    self._save(step, epoch, result)
+                    self._save(step, epoch, result, final=last, signal_stop=stop.stop)
                 if stop.stop or paused:
                     result.stopped_by_signal = stop.stop
                     self._report_stop(step, stop)
                     break
+            s.checkpoints.wait()  # commit a save still written in the background (raises if it failed)
         finally:
             self.signal.restore()
             self.progress.close()
+            s.loader.close()  # stop the prefetch thread (a later iteration restarts it at the consumed position)
         result.final_step = step
         return result
 
-    def _save(self, step: int, epoch: int, result: TrainResult) -> None:
+    def _save(self, step: int, epoch: int, result: TrainResult, *, final: bool, signal_stop: bool) -> None:
+        """Periodic saves run in the background (`--async_checkpoint`); the last one waits for its commit. The
+        consolidated `.pt` follows `--save_consolidated`, except that a signal stop (with its time budget) writes
+        it only with `every`: `--resume` and export work from the sharded checkpoint alone."""
         s = self.s
-        started = time.monotonic()
         loss = result.last_metrics.get(LOSS_KEY)
-        s.checkpoints.save(step, epoch, loss, model=s.vlm, optimizer=s.optimizer, scheduler=s.scheduler,
-                           data_state=s.dataset.state_dict(), train_state={"step": step, "epoch": epoch})
-        self.signal.last_save_s = time.monotonic() - started
+        states, per_rank = training_states(s.vlm, s.optimizer, s.scheduler, s.dataset)
+        states[TRAIN_STATE] = DictState({"step": step, "epoch": epoch})
+        consolidate = False if signal_stop and s.cfg.save_consolidated != "every" else None
+        s.checkpoints.save(step, epoch, loss, states, per_rank, final=final, consolidate=consolidate)
+        self.signal.last_save_s = s.checkpoints.last_save_s
 
     def _report_stop(self, step: int, stop: StopDecision) -> None:
         if not stop.stop:
@@ -254,5 +272,6 @@ class Trainer:
         return metrics
 
     def finalize(self) -> None:
+        self.s.checkpoints.close()  # after a failure: this rank's background write ends before the process does
         for tracker in self.trackers:
             tracker.finalize()
