@@ -308,8 +308,9 @@ def test_interrupted_saves_never_corrupt_latest(tmp_path, monkeypatch):
     real_torch_save = torch.save
 
     def torch_save_dies_on_consolidated(obj, f, *args, **kwargs):
-        if isinstance(f, str | os.PathLike) and Path(f).name.startswith(f".{TMP_CONSOLIDATED}.tmp-"):
-            Path(f).write_bytes(b"half a file")
+        target = getattr(f, "name", f)  # atomic writes hand torch.save an open file
+        if isinstance(target, str | os.PathLike) and Path(target).name.startswith(f".{TMP_CONSOLIDATED}.tmp-"):
+            f.write(b"half a file")
             raise RuntimeError("killed during the consolidated write")
         return real_torch_save(obj, f, *args, **kwargs)
 

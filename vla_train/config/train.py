@@ -22,6 +22,7 @@ from pathlib import Path
 import draccus
 import yaml
 
+from vla_train.atomic_io import atomic_write_text
 from vla_train.config.vla import Exp_DinoSigLIP_224px_OXE_Magic_Soup_Plus, VLAConfig
 
 TRACKERS = ("jsonl", "wandb")
@@ -205,15 +206,6 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
     _validate_resume(cfg)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_run_configs(cfg: TrainConfig, run_dir: str | Path, model: dict | None = None) -> None:
     """Write `run_dir/config.yaml` (draccus dump) and `config.json` (that YAML as JSON, indent 2), atomically.
 
@@ -230,10 +222,10 @@ def write_run_configs(cfg: TrainConfig, run_dir: str | Path, model: dict | None 
     if next(iter(encoded["vla"])) != "type":
         raise RuntimeError(f"draccus wrote the vla section with keys {list(encoded['vla'])[:3]}...; expected 'type' "
                            "first.")
-    _atomic_write_text(run_dir / "config.yaml", text)
+    atomic_write_text(run_dir / "config.yaml", text)
     if model is not None:
         encoded["model"] = model
-    _atomic_write_text(run_dir / "config.json", json.dumps(encoded, indent=2))
+    atomic_write_text(run_dir / "config.json", json.dumps(encoded, indent=2))
 
 
 def load_train_config(run_dir: str | Path) -> TrainConfig:

@@ -13,7 +13,6 @@ lives and how ranks wait for it: `statistics_cache.py`; computing it ahead of tr
 import hashlib
 import inspect
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_train.atomic_io import atomic_write_json
 from vla_train.data.registry import DatasetSpec
 
 STATS_FORMAT_VERSION = "vla-train-stats-2"  # 2: label counts, record files in the key
@@ -155,18 +155,11 @@ def _without_paths(text: str) -> str:
     return json.dumps(info, sort_keys=True)
 
 
-def write_json_atomically(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, path)
-
-
 def save_dataset_statistics(statistics: dict[str, dict[str, Any]], run_dir: str | Path) -> Path:
     """Write `run_dir/dataset_statistics.json` in the reference layout (with `mask`); returns the path."""
     path = Path(run_dir) / "dataset_statistics.json"
     content = {name: _json_ready(stats) for name, stats in statistics.items()}
-    write_json_atomically(path, content)
+    atomic_write_json(path, content)
     return path
 
 

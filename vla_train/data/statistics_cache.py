@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from vla_train.data.statistics import write_json_atomically
+from vla_train.atomic_io import atomic_write_json
 from vla_train.log import logger
 
 USER_CACHE_DIR = Path(os.environ.get("VLA_TRAIN_CACHE", Path.home() / ".cache" / "vla_train"))
@@ -112,7 +112,7 @@ class StatisticsCache:
     def write(self, stats: dict[str, Any], directory: Path) -> Path:
         path = directory / self.file_name
         try:
-            write_json_atomically(path, stats)
+            atomic_write_json(path, stats)
         except OSError as error:
             raise PermissionError(f"Cannot write the statistics cache of dataset {self.dataset!r} to {path} "
                                   f"({error}); set statistics_cache_dir to a writable shared directory.") from error
@@ -124,7 +124,7 @@ class StatisticsCache:
         content = {"error": type(error).__name__, "message": str(error), "host": socket.gethostname(),
                    "pid": os.getpid(), "time": time.time()}
         try:
-            write_json_atomically(self.marker_path(directory), content)
+            atomic_write_json(self.marker_path(directory), content)
         except OSError as write_error:
             logger.error("Could not write the statistics failure marker %s (%s); the other ranks will wait until "
                          "statistics_timeout_s.", self.marker_path(directory), write_error)

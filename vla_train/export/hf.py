@@ -21,6 +21,7 @@ import timm
 import torch
 from transformers import PretrainedConfig
 
+from vla_train.atomic_io import atomic_write_json
 from vla_train.config.model import ModelConfig
 from vla_train.config.train import checkpoint_step_epoch
 from vla_train.export.hf_remote import REMOTE_MODULES
@@ -203,10 +204,6 @@ def load_checkpoint_modules(checkpoint: Path, vlm: OpenVLA) -> dict[str, dict[st
     return modules
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
-
-
 def save_processor(processor: PrismaticProcessor, out_dir: Path) -> None:
     """Tokenizer and processor files in the layout both transformers 5 and 4.x read.
 
@@ -221,14 +218,14 @@ def save_processor(processor: PrismaticProcessor, out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
     image_processor = {**processor.image_processor.to_dict(), "image_processor_type": "PrismaticImageProcessor",
                        "processor_class": "PrismaticProcessor", "auto_map": dict(PROCESSOR_AUTO_MAP)}
-    _write_json(out_dir / "preprocessor_config.json", image_processor)
-    _write_json(out_dir / "processor_config.json",
+    atomic_write_json(out_dir / "preprocessor_config.json", image_processor)
+    atomic_write_json(out_dir / "processor_config.json",
                 {"processor_class": "PrismaticProcessor", "auto_map": dict(PROCESSOR_AUTO_MAP)})
     tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
     for key in TOKENIZER_LOAD_TIME_KEYS:
         tokenizer_config.pop(key, None)
     tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=list(TOKENIZER_INPUT_NAMES))
-    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    atomic_write_json(out_dir / "tokenizer_config.json", tokenizer_config)
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, dtype: str = "fp32",

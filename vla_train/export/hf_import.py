@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from vla_train.atomic_io import atomic_torch_save, atomic_write_json
 from vla_train.config.model import ModelConfig, model_config_from_fields, model_config_section
 from vla_train.export.hf import DATASET_STATISTICS, export_text_config, text_config_as_written
 from vla_train.export.keys import MODULE_KEYS, hf_to_native
@@ -41,7 +42,7 @@ from vla_train.models.llm import (
     get_llm_backbone_spec,
 )
 from vla_train.models.projector import projector_kind
-from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, atomic_torch_save, check_module_state
+from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, check_module_state
 from vla_train.models.vision import get_vision_backbone_spec
 from vla_train.models.vlm import PrismaticVLM
 from vla_train.training.checkpoint_io import atomic_link_or_copy, checkpoint_name
@@ -175,14 +176,9 @@ def to_native_modules(state: dict[str, torch.Tensor], vlm: PrismaticVLM,
     return modules
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2) + "\n")
-
-
 def write_base_vlm_dir(model_cfg: ModelConfig, base_dir: Path, checkpoint: Path) -> None:
     """A base-VLM run directory (`config.json` "model" section) whose latest checkpoint is the imported one."""
-    _write_json(base_dir / "config.json", {"model": model_config_section(model_cfg)})
+    atomic_write_json(base_dir / "config.json", {"model": model_config_section(model_cfg)})
     (base_dir / CHECKPOINT_SUBDIR).mkdir(parents=True, exist_ok=True)
     atomic_link_or_copy(checkpoint, base_dir / CHECKPOINT_SUBDIR / LATEST_CHECKPOINT)
 
@@ -242,11 +238,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, vla_id: str | None = N
         write_base_vlm_dir(model_cfg, base_dir, checkpoint)
         base_vlm = str(base_dir)
     vla_id = vla_id or hf_dir.resolve().name
-    _write_json(out_dir / "config.json", {
+    atomic_write_json(out_dir / "config.json", {
         "vla": {"type": vla_id, "vla_id": vla_id, "base_vlm": base_vlm},
         "imported_from": {"hf_dir": str(hf_dir.resolve()), "model_type": config.get("model_type"),
                           "transformers_version": config.get("transformers_version")}})
-    _write_json(out_dir / DATASET_STATISTICS, config["norm_stats"])
+    atomic_write_json(out_dir / DATASET_STATISTICS, config["norm_stats"])
     logger.info("Imported %s as %s (base VLM %s); fine-tune with --pretrained_checkpoint %s --is_resume false",
                 hf_dir, out_dir, base_vlm, checkpoint)
     return checkpoint

@@ -14,12 +14,12 @@ import os
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from vla_train.atomic_io import atomic_torch_save
 from vla_train.config.model import ModelConfig, model_config_from_fields, model_config_section
 from vla_train.log import logger
 from vla_train.models.build import build_vlm, check_all_fp32
@@ -32,17 +32,6 @@ LATEST_CHECKPOINT = "latest-checkpoint.pt"
 REQUIRED_MODULE_KEYS = ("projector", "llm_backbone")
 MODEL_ID_KEYS = ("model_id", "vision_backbone_id", "llm_backbone_id", "arch_specifier", "image_resize_strategy")
 MODEL_ZOO_ENV = "VLA_TRAIN_MODEL_ZOO"
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """`torch.save` to a temporary file in the same directory, then rename: no half-written file at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def model_state_dicts(vlm: PrismaticVLM, module_keys: tuple[str, ...] = ALL_MODULE_KEYS) -> dict[str, dict]:

@@ -38,16 +38,16 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from vla_train.atomic_io import atomic_torch_save, atomic_write_text
 from vla_train.config.train import SAVE_CONSOLIDATED
 from vla_train.log import logger
-from vla_train.models.run_dir import LATEST_CHECKPOINT, atomic_torch_save
+from vla_train.models.run_dir import LATEST_CHECKPOINT
 from vla_train.training.checkpoint_discovery import CheckpointDiscovery, CorruptCheckpointError
 from vla_train.training.checkpoint_io import (
     COMPLETE_MARKER,
     FORMAT_VERSION,
     TMP_CONSOLIDATED,
     atomic_link_or_copy,
-    atomic_write_text,
     checkpoint_name,
     consolidated_path,
     file_sizes,

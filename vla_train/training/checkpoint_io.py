@@ -20,8 +20,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from vla_train.atomic_io import atomic_torch_save
 from vla_train.log import logger
-from vla_train.models.run_dir import atomic_torch_save
 from vla_train.models.vlm import ALL_MODULE_KEYS
 
 COMPLETE_MARKER = "complete.json"
@@ -80,19 +80,6 @@ def file_sizes(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, int]
 def utc_stamp() -> str:
     """The current UTC time as `YYYYMMDDTHHMMSS`, for the names of backup files."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write, fsync and rename: `path` holds either its old content or all of `text`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def atomic_link_or_copy(src: Path, dst: Path) -> None:

@@ -19,6 +19,8 @@ Mixed precision: FP32 master weights, bf16 compute, fp32 (or bf16) gradient redu
 cast to bf16 first, as the reference does, outside the stages that train it.
 """
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
@@ -62,6 +64,13 @@ def _fully_shard_units(vlm: PrismaticVLM, mesh: DeviceMesh, policy: MixedPrecisi
     for unit in (*vlm.vision_backbone.fsdp_units(), vlm.projector, *llm_units):
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and unit is not llm_units[-1])
     fully_shard(vlm, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+# torch 2.14 warns whenever an FSDP2 unit returns a view (a featurizer's patch tokens are a slice of its output, a
+# Linear on [B, P, D] returns a reshaped view): an in-place op on it would skip the pre-backward hook. Our consumers are
+# out of place (`torch.cat`, `Linear`, `.to`), which tests/training/test_accumulation.py checks through the gradients.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(VisionTransformer|\w*Projector)\) returned a "
+                        r"view tensor")
 
 
 def parallelize_vlm(vlm: PrismaticVLM, ctx: DistributedContext, *, strategy: str, stage: str,

@@ -18,9 +18,10 @@ from urllib.parse import urlparse
 
 import jsonlines
 
+from vla_train.atomic_io import atomic_write_text
 from vla_train.config.train import TRACKERS
 from vla_train.log import logger
-from vla_train.training.checkpoint_io import atomic_write_text, utc_stamp
+from vla_train.training.checkpoint_io import utc_stamp
 from vla_train.training.distributed import is_rank_zero
 
 # === Trackers (rank 0 only) ===
