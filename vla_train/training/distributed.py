@@ -132,13 +132,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
-def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Rank `src`'s values of `tensor` (same shape and dtype on every rank), in place, through the device the
-    backend takes; returns `tensor`. Collective: call on every rank. Without a process group, returns `tensor`."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    backend takes; returns `tensor`. `src` is a rank of `group` (default: the world). Collective: call on every rank
+    of `group`. Without a process group, returns `tensor`."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return tensor
     work = tensor.to(collective_device()).contiguous()
-    dist.broadcast(work, src=src)
+    dist.broadcast(work, group_src=src, group=group)
     if work is not tensor:
         tensor.copy_(work)
     return tensor

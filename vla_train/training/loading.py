@@ -179,8 +179,7 @@ def _stream(vlm: PrismaticVLM, weights: _Rank0Weights | None) -> int:
         if isinstance(target, DTensor):
             send = torch.empty(target.shape, dtype=target.dtype, device=collective_device()) if full is None else \
                 full.to(device=collective_device(), dtype=target.dtype)
-            shard = distribute_tensor(send, target.device_mesh, target.placements, src_data_rank=0)
-            target.to_local().copy_(shard.to_local())
+            target.to_local().copy_(_local_shard(target, send))
         else:
             if full is not None:
                 target.copy_(full)
@@ -188,6 +187,19 @@ def _stream(vlm: PrismaticVLM, weights: _Rank0Weights | None) -> int:
         if weights is not None and key in weights.mapped:
             _drop_file_pages(full)
     return len(targets)
+
+
+def _local_shard(target: DTensor, send: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of rank 0's `send` (the other ranks pass an empty tensor of its shape) for `target`'s
+    layout. On a hybrid `(replicate, shard)` mesh, rank 0 first sends the full tensor to the first rank of each other
+    node (one copy per node crosses the network), which then scatters it within its node; a plain
+    `distribute_tensor` over the 2-D mesh would broadcast a full tensor from every local rank across the nodes."""
+    mesh = target.device_mesh
+    if mesh.ndim == 2 and mesh.mesh_dim_names == ("replicate", "shard") and target.placements[0].is_replicate():
+        if mesh.get_local_rank("shard") == 0:
+            broadcast_tensor(send, src=0, group=mesh.get_group("replicate"))
+        return distribute_tensor(send, mesh["shard"], target.placements[1:], src_data_rank=0).to_local()
+    return distribute_tensor(send, mesh, target.placements, src_data_rank=0).to_local()
 
 
 def _drop_file_pages(tensor: torch.Tensor) -> None:
