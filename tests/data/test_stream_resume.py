@@ -1,6 +1,5 @@
 """ResumableShuffle: exact continuation from `state_at`, at a re-read cost that does not grow with the position."""
 
-import itertools
 
 import pytest
 
@@ -63,13 +62,17 @@ def test_resume_cost_is_bounded_by_the_buffer_not_the_position():
     assert rereads[30_000] < 2 * rereads[3_000] + 256
 
 
-def test_state_for_a_position_the_stream_no_longer_describes_is_refused():
+def test_positions_asked_for_must_not_decrease_and_old_snapshots_are_released():
     shuffle = ResumableShuffle(reader, capacity=100, seed=0)
     iterator = iter(shuffle)
-    for _ in itertools.repeat(None, 64 * (stream_resume.SNAPSHOTS_KEPT + 2)):
+    for _ in range(64 * 6):
         next(iterator)
-    with pytest.raises(RuntimeError, match="ran more than"):
-        shuffle.state_at(10)
+    assert len(shuffle._snapshots) == 7  # outputs 0, 64, ..., 384: nothing asked for yet
+    assert shuffle.state_at(10)["snapshot"]["emitted"] == 0
+    assert shuffle.state_at(200)["snapshot"]["emitted"] == 192
+    assert [s.emitted for s in shuffle._snapshots] == [192, 256, 320, 384]
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        shuffle.state_at(150)
     fresh = ResumableShuffle(reader, capacity=100, seed=0).state_at(0)  # before the first frame
     assert fresh["position"] == 0 and fresh["anchor_files"] is None and fresh["snapshot"]["received"] == 0
 

@@ -31,7 +31,9 @@ from vla_train.data.tf_setup import tf
 from vla_train.log import logger
 
 STATE_FORMAT = 1
-SNAPSHOTS_KEPT = 4  # the consumer may lag the shuffle by up to (SNAPSHOTS_KEPT - 1) x interval frames
+# Snapshots are kept from the newest one a `state_at` call used (positions only grow) to the newest taken, at most
+# SNAPSHOTS_CAP (then the oldest go: the consumer would lag the shuffle by more than SNAPSHOTS_CAP x interval frames).
+SNAPSHOTS_CAP = 64
 MIN_INTERVAL = 1024
 
 
@@ -93,7 +95,7 @@ class ResumableShuffle:
         self.frames_read = 0  # from the reader by this instance (a resume's re-read included)
         self._lock = threading.Lock()
         self._anchors: list[ReaderAnchor] = []
-        self._snapshots: deque[ShuffleSnapshot] = deque(maxlen=SNAPSHOTS_KEPT)
+        self._snapshots: deque[ShuffleSnapshot] = deque(maxlen=SNAPSHOTS_CAP)
         if resume is None:  # describable before the first frame: the start
             self._start(ReaderAnchor(0, None), ProgressiveShuffleBuffer(capacity, seed).snapshot())
         else:
@@ -162,18 +164,21 @@ class ResumableShuffle:
 
     def _start(self, anchor: ReaderAnchor, snapshot: ShuffleSnapshot) -> None:
         with self._lock:
-            self._anchors, self._snapshots = [anchor], deque([snapshot], maxlen=SNAPSHOTS_KEPT)
+            self._anchors, self._snapshots = [anchor], deque([snapshot], maxlen=SNAPSHOTS_CAP)
 
     def _add_anchor(self, anchor: ReaderAnchor) -> None:
         with self._lock:
             self._anchors.append(anchor)
 
     def _add_snapshot(self, snapshot: ShuffleSnapshot) -> None:
-        """Keep the newest snapshots, and the anchors the oldest of them still needs."""
         with self._lock:
             self._snapshots.append(snapshot)
-            needed = self._anchor_for(self._snapshots[0])
-            self._anchors = [a for a in self._anchors if a.arrival >= needed.arrival]
+            self._prune()
+
+    def _prune(self) -> None:
+        """Drop the anchors older than the one the oldest kept snapshot needs (call with the lock held)."""
+        needed = self._anchor_for(self._snapshots[0])
+        self._anchors = [a for a in self._anchors if a.arrival >= needed.arrival]
 
     def _anchor_for(self, snapshot: ShuffleSnapshot) -> ReaderAnchor:
         oldest = snapshot.oldest_arrival()
@@ -181,16 +186,20 @@ class ResumableShuffle:
 
     def state_at(self, position: int) -> dict[str, Any]:
         """What a resume at output `position` (frames consumed downstream) needs: a snapshot at or before it, and
-        the reader anchor that snapshot's oldest buffered frame needs. A few MB: no frame content."""
+        the reader anchor that snapshot's oldest buffered frame needs. A few MB: no frame content. Positions asked
+        for only grow: the snapshots and anchors older than this answer's are released."""
         with self._lock:
             usable = [s for s in self._snapshots if s.emitted <= position]
             if not usable:
                 oldest = self._snapshots[0].emitted if self._snapshots else None
                 raise RuntimeError(
                     f"The shuffled stream cannot describe position {position}: its oldest kept snapshot is at output "
-                    f"{oldest} (the pipeline ran more than {(SNAPSHOTS_KEPT - 1) * self.interval} frames ahead of "
-                    "the training loop).")
+                    f"{oldest} (positions asked for must not decrease, and the pipeline must not run more than "
+                    f"{SNAPSHOTS_CAP * self.interval} frames ahead of the training loop).")
             snapshot = max(usable, key=lambda s: s.emitted)
+            while self._snapshots[0].emitted < snapshot.emitted:
+                self._snapshots.popleft()
+            self._prune()
             anchor = self._anchor_for(snapshot)
         # no copies: snapshots and anchors are never mutated
         snapshot_state = {"received": snapshot.received, "emitted": snapshot.emitted, "rng_state": snapshot.rng_state,
