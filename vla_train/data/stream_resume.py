@@ -33,7 +33,7 @@ from vla_train.log import logger
 STATE_FORMAT = 1
 # Snapshots are kept from the newest one a `state_at` call used (positions only grow) to the newest taken, at most
 # SNAPSHOTS_CAP (then the oldest go: the consumer would lag the shuffle by more than SNAPSHOTS_CAP x interval frames).
-SNAPSHOTS_CAP = 64
+SNAPSHOTS_CAP = 16
 MIN_INTERVAL = 1024
 
 
