@@ -16,6 +16,7 @@ Normalize(mean, std)`, with these reference adjustments:
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +92,16 @@ class FeaturizerTransform:
         return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
 
+class CenterCropOrKeep(T.CenterCrop):
+    """torchvision's CenterCrop, except that an image already of the crop size is returned as is (PIL's crop would
+    copy it: ~0.1 ms per frame for the same pixels)."""
+
+    def forward(self, img: Any) -> Any:
+        if isinstance(img, Image.Image) and img.size == (self.size[1], self.size[0]):
+            return img
+        return super().forward(img)
+
+
 def to_float_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> `[3, H, W]` float32 in [0, 1] (the values of torchvision's ToTensor, computed faster)."""
     return TF.pil_to_tensor(image).to(torch.float32).div_(255.0)
@@ -113,7 +124,7 @@ def build_featurizer_transform(
         resize_to = size
     else:
         resize_to = math.floor(size / norm.crop_pct)
-    steps: list[Callable] = [T.Resize(resize_to, interpolation=interpolation), T.CenterCrop(size)]
+    steps: list[Callable] = [T.Resize(resize_to, interpolation=interpolation), CenterCropOrKeep(size)]
     fill = tuple(int(channel * 255) for channel in norm.mean) if strategy == "letterbox" else None
     if fill is not None:
         steps.insert(0, LetterboxPad(fill))

@@ -7,6 +7,7 @@ ids and the stop ids. For Llama-2 this reproduces the reference's ids (`..., ":"
 inference prefix is exactly the training prefix, so no token needs patching in at inference.
 """
 
+import functools
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -35,9 +36,20 @@ def vla_training_ids(
     action_token_ids: Sequence[int],
     predict_stop_token: bool = True,
 ) -> tuple[list[int], list[int]]:
-    """`(input_ids, labels)` for one frame: labels are -100 except on the action ids (and the stop ids)."""
-    prefix = vla_prompt_prefix_ids(prompt_builder_fn, tokenizer, instruction)
-    stop = list(tokenizer(prompt_builder_fn.stop_text.rstrip(), add_special_tokens=False).input_ids)
+    """`(input_ids, labels)` for one frame: labels are -100 except on the action ids (and the stop ids). The prompt's
+    ids are cached per instruction (the frames of an episode share one; tokenizing it is a third of the transform)."""
+    prefix, stop = _prompt_and_stop_ids(prompt_builder_fn, tokenizer, instruction)
+    prefix, stop = list(prefix), list(stop)
     actions = [int(i) for i in action_token_ids]
     labels = [IGNORE_INDEX] * len(prefix) + actions + (stop if predict_stop_token else [IGNORE_INDEX] * len(stop))
     return prefix + actions + stop, labels
+
+
+@functools.lru_cache(maxsize=8192)
+def _prompt_and_stop_ids(prompt_builder_fn: type[PromptBuilder], tokenizer: PreTrainedTokenizerBase,
+                         instruction: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The prompt prefix ids and the stop ids (tuples: the cache's values are shared). Keyed by the tokenizer object,
+    which training sets up once before its first frame."""
+    prefix = vla_prompt_prefix_ids(prompt_builder_fn, tokenizer, instruction)
+    stop = tokenizer(prompt_builder_fn.stop_text.rstrip(), add_special_tokens=False).input_ids
+    return tuple(prefix), tuple(stop)
