@@ -191,6 +191,7 @@ def test_resume_far_into_the_stream_restores_reader_and_buffer(fixture_root, fix
     from vla_train.data import stream_resume
 
     monkeypatch.setattr(stream_resume, "MIN_INTERVAL", 64)
+    monkeypatch.setattr(stream_resume, "MIN_ANCHOR_INTERVAL", 64)
     cfg = replace(_config(fixture_root, image_aug=True), shuffle_buffer_size=100)
     plan = plan_mixture(cfg, fixture_registry)
     first = RLDSDataset(cfg, plan=plan)

@@ -25,6 +25,7 @@ def _take(shuffle: ResumableShuffle, n: int) -> tuple[list[bytes], object]:
 @pytest.fixture(autouse=True)
 def small_interval(monkeypatch):
     monkeypatch.setattr(stream_resume, "MIN_INTERVAL", 64)
+    monkeypatch.setattr(stream_resume, "MIN_ANCHOR_INTERVAL", 64)
 
 
 @pytest.mark.parametrize("position", [0, 5, 300, 2_500])
@@ -57,8 +58,9 @@ def test_resume_cost_is_bounded_by_the_buffer_not_the_position():
         resumed = ResumableShuffle(reader, capacity=200, seed=1, resume=state)
         next(iter(resumed))
         rereads[position] = resumed.frames_read
-    # re-read <= max_age (3 x 200) + 2 intervals (64) + a batch or two of 64 read ahead, at both positions
-    assert all(count <= 600 + 2 * 64 + 3 * 64 for count in rereads.values()), rereads
+    # re-read <= max_age (3 x 200) + the anchor interval (100) + the snapshot interval (64) + a batch or two of 64
+    # read ahead, at both positions
+    assert all(count <= 600 + 100 + 64 + 3 * 64 for count in rereads.values()), rereads
     assert rereads[30_000] < 2 * rereads[3_000] + 256
 
 

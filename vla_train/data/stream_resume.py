@@ -5,15 +5,17 @@ images still encoded, in batches) -> `ProgressiveShuffleBuffer` -> decode/augmen
 buffer's frames (256,000 x ~30 KB per rank), and replaying every consumed frame (`skip(n)`) costs time that grows with
 the position (hours late in an Open-X run). Instead `ResumableShuffle` keeps, while it streams:
 - reader anchors: the tf.data iterator's own checkpoint (file read positions, sampler RNG, in-flight elements;
-  `tf.train.Checkpoint` written to TensorFlow's in-memory `ram://` file system) every `interval` frames read;
+  `tf.train.Checkpoint` written to TensorFlow's in-memory `ram://` file system) every `anchor_interval` frames read
+  (half a buffer, at least 8,192: one costs ~0.2 s of CPU and holds the pipeline's in-flight trajectories, ~35 MB
+  on the benchmark workload, ~1 MB on the demo's);
 - shuffle snapshots: the buffer as arrival indices plus its RNG state (`ShuffleSnapshot`) every `interval` frames
   given out.
 `state_at(n)` pairs the newest snapshot taken at or before output `n` with the newest anchor at or before that
 snapshot's oldest buffered frame. A resume restores the reader at the anchor, re-reads frames (images still encoded:
 no decoding) up to the snapshot, keeping the buffered ones, restores the buffer, and replays its outputs up to `n`.
 The shuffle yields any frame that waited `max_age` (3 x capacity) arrivals, so the re-read is at most about
-`max_age + 2 x interval` frames whatever the position. The stream must be ordered deterministically (tf.data
-`deterministic=True`): a snapshot's fingerprint catches a re-read that differs.
+`max_age + anchor_interval + interval` frames whatever the position. The stream must be ordered deterministically
+(tf.data `deterministic=True`): a snapshot's fingerprint catches a re-read that differs.
 """
 
 import threading
@@ -34,7 +36,8 @@ STATE_FORMAT = 1
 # Snapshots are kept from the newest one a `state_at` call used (positions only grow) to the newest taken, at most
 # SNAPSHOTS_CAP (then the oldest go: the consumer would lag the shuffle by more than SNAPSHOTS_CAP x interval frames).
 SNAPSHOTS_CAP = 16
-MIN_INTERVAL = 1024
+MIN_INTERVAL = 1024  # snapshots (cheap: ~1 ms per 10,000 buffered frames)
+MIN_ANCHOR_INTERVAL = 8192  # reader anchors (costly: see the module docstring)
 
 
 def save_iterator_state(iterator: Any) -> dict[str, bytes]:
@@ -79,6 +82,10 @@ def _interval(capacity: int) -> int:
     return max(MIN_INTERVAL, capacity // 4)
 
 
+def _anchor_interval(capacity: int) -> int:
+    return max(MIN_ANCHOR_INTERVAL, capacity // 2)
+
+
 class ResumableShuffle:
     """Shuffle the items of `make_reader()` (a tf.data dataset of 1-D batches of serialized frames) through a
     `ProgressiveShuffleBuffer`, resumable from `state_at()`'s output. Iterate it once.
@@ -90,7 +97,7 @@ class ResumableShuffle:
     def __init__(self, make_reader: Callable[[], tf.data.Dataset], capacity: int, seed: int,
                  resume: dict[str, Any] | None = None) -> None:
         self.make_reader, self.capacity, self.seed = make_reader, capacity, seed
-        self.interval = _interval(capacity)
+        self.interval, self.anchor_interval = _interval(capacity), _anchor_interval(capacity)
         self.resume = resume
         self.frames_read = 0  # from the reader by this instance (a resume's re-read included)
         self._lock = threading.Lock()
@@ -123,10 +130,11 @@ class ResumableShuffle:
             yield released
 
     def _read(self, reader: Any, arrival: int) -> Iterator[tuple[int, bytes]]:
-        """`(arrival index, serialized frame)` from `reader`, anchoring it every `interval` frames (between batches)."""
+        """`(arrival index, serialized frame)` from `reader`, anchored every `anchor_interval` frames (between
+        batches)."""
         last_anchor = arrival
         while True:
-            if arrival - last_anchor >= self.interval:
+            if arrival - last_anchor >= self.anchor_interval:
                 self._add_anchor(ReaderAnchor(arrival, save_iterator_state(reader)))
                 last_anchor = arrival
             try:
@@ -186,7 +194,7 @@ class ResumableShuffle:
 
     def state_at(self, position: int) -> dict[str, Any]:
         """What a resume at output `position` (frames consumed downstream) needs: a snapshot at or before it, and
-        the reader anchor that snapshot's oldest buffered frame needs. A few MB: no frame content. Positions asked
+        the reader anchor that snapshot's oldest buffered frame needs. No frame content. Positions asked
         for only grow: the snapshots and anchors older than this answer's are released."""
         with self._lock:
             usable = [s for s in self._snapshots if s.emitted <= position]

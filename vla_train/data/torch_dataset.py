@@ -117,7 +117,7 @@ class RLDSDataset(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the frames yielded so far: frames consumed and, for a deterministic stream, the
-        shuffle's state (`ResumableShuffle.state_at`, a few MB, no frame content). Thread-safe against the stream."""
+        shuffle's state (`ResumableShuffle.state_at`: no frame content). Thread-safe against the stream."""
         stream = None
         if self.cfg.deterministic:
             if self._shuffle is not None:
