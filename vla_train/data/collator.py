@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-IGNORE_INDEX = -100
+from vla_train.models.llm import IGNORE_INDEX
 
 
 @dataclass

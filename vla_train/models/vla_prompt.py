@@ -12,9 +12,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from vla_train.models.llm import IGNORE_INDEX
 from vla_train.models.prompts import VLA_QUESTION_TEMPLATE, PromptBuilder
-
-IGNORE_INDEX = -100
 
 
 def vla_prompt_prefix_ids(

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from vla_train.data.prefetch import DEVICE_INPUTS
 from vla_train.log import logger
+from vla_train.models.llm import IGNORE_INDEX
 from vla_train.training.checkpoint_state import TRAIN_STATE, DictState, training_states
 from vla_train.training.distributed import DistributedContext, all_reduce
 from vla_train.training.flops import flops_model_for_vlm, resolve_peak_flops
@@ -32,7 +33,6 @@ from vla_train.training.trackers import make_trackers
 if TYPE_CHECKING:  # the session builds the data pipeline: not needed to import the loop
     from vla_train.training.session import TrainingSession
 
-IGNORE_INDEX = -100
 LOSS_KEY = "VLA Train/Loss"
 # Called after each micro-batch's backward with (the CPU batch, its device inputs, the model output).
 MicroBatchHook = Callable[[dict[str, Any], dict[str, Any], Any], None]
