@@ -211,3 +211,19 @@ def test_resume_far_into_the_stream_restores_reader_and_buffer(fixture_root, fix
         assert _identity(got) == _identity(want)
         np.testing.assert_array_equal(got["observation"]["image_primary"], want["observation"]["image_primary"])
     assert resumed._shuffle.frames_read <= 3 * 100 + 4 * 64  # bounded by the buffer, not the 700 consumed
+
+
+def test_a_data_state_of_another_version_or_format_is_refused(fixture_root, fixture_registry):
+    """A version-1 state (frames consumed only: the old skip-based resume) or an unknown stream format is refused
+    with the versions named, never silently restarted from the wrong place."""
+    cfg = _config(fixture_root)
+    plan = plan_mixture(cfg, fixture_registry)
+    first = RLDSDataset(cfg, plan=plan)
+    next(first.frames())
+    state = first.state_dict()
+    with pytest.raises(ValueError, match="Unsupported data-pipeline state version 1 .this version reads 2."):
+        RLDSDataset(cfg, plan=plan).load_state_dict({**state, "version": 1})
+    resumed = RLDSDataset(cfg, plan=plan)
+    resumed.load_state_dict({**state, "stream": {**state["stream"], "format": 99}})
+    with pytest.raises(ValueError, match="Unsupported stream state format 99 .this version reads 1."):
+        next(resumed.frames())
