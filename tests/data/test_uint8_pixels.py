@@ -64,7 +64,7 @@ def test_the_training_batch_carries_uint8_and_shares_same_geometry_pixels(strate
     collate = PaddedCollatorForActionPrediction(64, tokenizer.pad_token_id)
     batch, float_batch = collate(items), collate(float_items)
     pixels = batch["pixel_values"]
-    assert {p.dtype for p in pixels.values()} == {torch.uint8} and pixels["dino"].shape == (2, 3, 64, 64)
+    assert {p.dtype for p in pixels.values()} == {torch.uint8} and pixels["dino"].shape == (2, 64, 64, 3)
     assert (pixels["dino"] is pixels["siglip"]) == (strategy == "resize-naive")
     normalized = transform.normalize_on_device(pixels)
     assert all(torch.equal(normalized[k], float_batch["pixel_values"][k]) for k in ("dino", "siglip"))
@@ -81,3 +81,19 @@ def test_uint8_pixels_need_an_image_transform_and_uint8_input():
         transform.normalize_on_device(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="one pixel tensor"):
         transform.normalize_on_device({"": torch.zeros(1, 3, 64, 64, dtype=torch.uint8)})
+
+
+@pytest.mark.parametrize("strategy", RESIZE_STRATEGIES)
+@pytest.mark.parametrize("backbone_id", ["tiny-siglip-vit", "tiny-dinosiglip-vit"])
+def test_uint8_from_arrays_equals_the_pil_path_and_shares_what_the_geometry_keeps(backbone_id, strategy):
+    """The training path hands decoded `[H, W, 3]` arrays: an image at the featurizer's size goes through without a
+    copy (the geometry would return it unchanged), any other is transformed exactly as its PIL image."""
+    transform = _backbone(backbone_id, strategy).get_image_transform()
+    side = _as_list(transform.to_uint8(Image.new("RGB", (10, 10))))[0].shape[0]  # the featurizer's image size
+    rng = np.random.default_rng(5)
+    for shape in [(side, side, 3), (48, 80, 3), (side + 1, side, 3)]:
+        array = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        from_array, from_pil = _as_list(transform.to_uint8(array)), _as_list(transform.to_uint8(Image.fromarray(array)))
+        assert all(a.shape == (side, side, 3) and torch.equal(a, p) for a, p in zip(from_array, from_pil, strict=True))
+        kept = shape == (side, side, 3)
+        assert all(np.shares_memory(a.numpy(), array) == kept for a in from_array)

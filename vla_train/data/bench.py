@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 import yaml
 
 from vla_train.data.convert import dataset_exists, write_rlds_dataset
+from vla_train.data.frame_rows import numpy_frames
 from vla_train.data.interleave import PipelineConfig, build_frame_dataset, plan_mixture
 from vla_train.data.prefetch import BatchPrefetcher
 from vla_train.data.registry import load_registry
@@ -166,7 +167,7 @@ def run_benchmark(cfg: PipelineConfig, *, seconds: float = 60.0, warmup_frames: 
     sampler = _RSSSampler()
     sampler.start()
     start = time.perf_counter()
-    iterator = build_frame_dataset(cfg, plan).as_numpy_iterator()
+    iterator = numpy_frames(build_frame_dataset(cfg, plan))
     next(iterator)
     first = time.perf_counter() - start
     for _ in itertools.islice(iterator, warmup_frames):
@@ -203,7 +204,7 @@ class FrameSource:
         self.cfg, self.plan, self.frames_yielded = cfg, plan, 0
 
     def frames(self):
-        for frame in build_frame_dataset(self.cfg, self.plan).as_numpy_iterator():
+        for frame in numpy_frames(build_frame_dataset(self.cfg, self.plan)):
             self.frames_yielded += 1
             yield frame
 

@@ -58,7 +58,8 @@ class PaddedCollatorForActionPrediction:
         return batch
 
     def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """`B x [3, S, S]` -> `[B, 3, S, S]`: uint8 kept (numpy copy into the, maybe pinned, output), float cast."""
+        """`B x [...]` -> `[B, ...]`: uint8 (channels-last `[B, S, S, 3]`) kept, one numpy copy into the (maybe
+        pinned) output; float cast."""
         if tensors[0].dtype != torch.uint8:
             stacked = torch.stack(tensors).to(self.pixel_values_dtype)
             return stacked.pin_memory() if self.pin_memory else stacked

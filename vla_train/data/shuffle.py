@@ -17,7 +17,7 @@ encoded.
 
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,26 +34,26 @@ class ShuffleSnapshot:
     emitted: int
     rng_state: dict[str, Any]
     arrivals: np.ndarray  # [len(buffer)] int64, slot order
-    fingerprint: int  # crc32 of the buffered items' lengths, in slot order: catches a stream that changed
+    fingerprint: int  # crc32 of the buffered items' sizes, in slot order: catches a stream that changed
 
     def oldest_arrival(self) -> int:
         """The earliest input index a restore must re-read (`received` when the buffer is empty)."""
         return int(self.arrivals.min()) if len(self.arrivals) else self.received
 
 
-def _fingerprint(items: Iterable[Any]) -> int:
-    return zlib.crc32(np.asarray([len(item) for item in items], dtype=np.int64).tobytes())
+def _fingerprint(items: Iterable[Any], size_of: Callable[[Any], int]) -> int:
+    return zlib.crc32(np.asarray([size_of(item) for item in items], dtype=np.int64).tobytes())
 
 
 class ProgressiveShuffleBuffer:
     """Iterate a source in a seeded random order drawn from a buffer of at most `capacity` items.
 
     Use `buffer(source)` for a whole stream, or `push(item)` / `drain()` step by step (what resumable streams do).
-    Items must support `len()` when snapshots are taken (serialized frames are bytes).
+    Snapshots fingerprint the items by `size_of(item)` (default `len`; frames: their encoded size).
     """
 
     def __init__(self, capacity: int, seed: int, min_fill: int = 1000, fill_ratio: int = 2,
-                 max_age: int | None = None) -> None:
+                 max_age: int | None = None, size_of: Callable[[Any], int] = len) -> None:
         if capacity < 1:
             raise ValueError(f"Shuffle buffer capacity must be positive, got {capacity}.")
         if fill_ratio < 1:
@@ -61,7 +61,7 @@ class ProgressiveShuffleBuffer:
         max_age = DEFAULT_MAX_AGE_FACTOR * capacity if max_age is None else max_age
         if max_age < capacity:
             raise ValueError(f"max_age ({max_age} arrivals) must be >= capacity ({capacity}).")
-        self.capacity, self.seed, self.max_age = capacity, seed, max_age
+        self.capacity, self.seed, self.max_age, self.size_of = capacity, seed, max_age, size_of
         self.min_fill, self.fill_ratio = min(min_fill, capacity), fill_ratio
         self._rng = np.random.default_rng(seed)
         self._items: list[Any] = []
@@ -126,7 +126,7 @@ class ProgressiveShuffleBuffer:
     # ----------------------------------------------------------------------------------------- snapshot / restore
     def snapshot(self) -> ShuffleSnapshot:
         return ShuffleSnapshot(self.received, self.emitted, self._rng.bit_generator.state,
-                               np.asarray(self._arrivals, dtype=np.int64), _fingerprint(self._items))
+                               np.asarray(self._arrivals, dtype=np.int64), _fingerprint(self._items, self.size_of))
 
     def restore(self, snapshot: ShuffleSnapshot, items: Mapping[int, Any]) -> None:
         """Set this (fresh) buffer to `snapshot`, with `items[arrival]` the re-read input of every buffered arrival.
@@ -139,7 +139,7 @@ class ProgressiveShuffleBuffer:
             raise ValueError(f"Cannot restore the shuffle buffer: {len(missing)} buffered frame(s) were not re-read "
                              f"(first arrival indices {missing[:5]}).")
         restored = [items[int(a)] for a in snapshot.arrivals]
-        if _fingerprint(restored) != snapshot.fingerprint:
+        if _fingerprint(restored, self.size_of) != snapshot.fingerprint:
             raise ValueError("Cannot resume the data stream exactly: the frames re-read for the shuffle buffer differ "
                              "from those saved (the dataset files changed since the checkpoint, or the stream is not "
                              "deterministic). Fix: resume with the same data, or start a new run.")

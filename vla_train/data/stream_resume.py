@@ -21,7 +21,7 @@ The shuffle yields any frame that waited `max_age` (3 x capacity) arrivals, so t
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -70,6 +70,10 @@ class ReaderAnchor:
     files: dict[str, bytes] | None
 
 
+def _numpy_rows(batch: tf.Tensor) -> Iterable[Any]:
+    return batch.numpy()
+
+
 def _parse_state(state: dict[str, Any]) -> tuple[ReaderAnchor, ShuffleSnapshot]:
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"Unsupported stream state format {state.get('format')!r} (this version reads "
@@ -87,16 +91,19 @@ def _anchor_interval(capacity: int) -> int:
 
 
 class ResumableShuffle:
-    """Shuffle the items of `make_reader()` (a tf.data dataset of 1-D batches of serialized frames) through a
-    `ProgressiveShuffleBuffer`, resumable from `state_at()`'s output. Iterate it once.
+    """Shuffle the items of `make_reader()` (a tf.data dataset of batches; `rows(batch)` splits one into items,
+    `size_of(item)` fingerprints an item) through a `ProgressiveShuffleBuffer`, resumable from `state_at()`'s output.
+    Iterate it once. The defaults suit 1-D batches of serialized items.
 
     Iteration runs on TensorFlow's generator thread while `state_at` is called from the training loop: both hold
     `self._lock` around the anchor and snapshot lists.
     """
 
     def __init__(self, make_reader: Callable[[], tf.data.Dataset], capacity: int, seed: int,
-                 resume: dict[str, Any] | None = None) -> None:
+                 resume: dict[str, Any] | None = None, *, rows: Callable[[Any], Iterable[Any]] = _numpy_rows,
+                 size_of: Callable[[Any], int] = len) -> None:
         self.make_reader, self.capacity, self.seed = make_reader, capacity, seed
+        self.rows, self.size_of = rows, size_of
         self.interval, self.anchor_interval = _interval(capacity), _anchor_interval(capacity)
         self.resume = resume
         self.frames_read = 0  # from the reader by this instance (a resume's re-read included)
@@ -104,13 +111,13 @@ class ResumableShuffle:
         self._anchors: list[ReaderAnchor] = []
         self._snapshots: deque[ShuffleSnapshot] = deque(maxlen=SNAPSHOTS_CAP)
         if resume is None:  # describable before the first frame: the start
-            self._start(ReaderAnchor(0, None), ProgressiveShuffleBuffer(capacity, seed).snapshot())
+            self._start(ReaderAnchor(0, None), self._new_buffer().snapshot())
         else:
             self._start(*_parse_state(resume))
 
     def __iter__(self) -> Iterator[bytes]:
         reader = iter(self.make_reader())
-        buffer = ProgressiveShuffleBuffer(self.capacity, self.seed)
+        buffer = self._new_buffer()
         if self.resume is None:
             items, skip_until = self._read(reader, 0), 0
         else:
@@ -121,6 +128,9 @@ class ResumableShuffle:
         for released in buffer.drain():  # finite (evaluation) streams
             if buffer.emitted > skip_until:
                 yield released
+
+    def _new_buffer(self) -> ProgressiveShuffleBuffer:
+        return ProgressiveShuffleBuffer(self.capacity, self.seed, size_of=self.size_of)
 
     def _give(self, buffer: ProgressiveShuffleBuffer, released: bytes, skip_until: int) -> Iterator[bytes]:
         """Yield output `buffer.emitted - 1` unless it was consumed before the resume; snapshot every interval."""
@@ -141,7 +151,7 @@ class ResumableShuffle:
                 batch = next(reader)
             except StopIteration:
                 return
-            for item in batch.numpy():
+            for item in self.rows(batch):
                 self.frames_read += 1
                 yield arrival, item
                 arrival += 1

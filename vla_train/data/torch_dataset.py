@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 from transformers import PreTrainedTokenizerBase
 
+from vla_train.data.frame_rows import numpy_frames
 from vla_train.data.interleave import (
     MixturePlan,
     PipelineConfig,
@@ -38,8 +39,9 @@ class RLDSBatchTransform:
     image_transform: Any  # PIL image -> tensor or dict of tensors (an ImageTransform for uint8_pixels)
     prompt_builder_fn: type[PromptBuilder]
     predict_stop_token: bool = True
-    # True: pixel_values are `[3, S, S]` uint8 after the geometry (`image_transform.to_uint8`), normalized on the
-    # training device after the copy (`image_transform.normalize_on_device`); False: float32, normalized here.
+    # True: pixel_values are channels-last `[S, S, 3]` uint8 after the geometry (`image_transform.to_uint8`),
+    # normalized on the training device after the copy (`image_transform.normalize_on_device`); False: float32
+    # `[3, S, S]`, normalized here.
     uint8_pixels: bool = False
 
     def __post_init__(self) -> None:
@@ -49,11 +51,14 @@ class RLDSBatchTransform:
 
     def __call__(self, frame: dict[str, Any]) -> dict[str, Any]:
         action = frame["action"][0]
-        image = Image.fromarray(frame["observation"]["image_primary"][0])
+        image = frame["observation"]["image_primary"][0]  # [H, W, 3] uint8
         instruction = frame["task"]["language_instruction"].decode()
         input_ids, labels = vla_training_ids(self.prompt_builder_fn, self.base_tokenizer, instruction,
                                              self.action_tokenizer.encode_to_ids(action), self.predict_stop_token)
-        pixels = self.image_transform.to_uint8(image) if self.uint8_pixels else self.image_transform(image)
+        if self.uint8_pixels:
+            pixels = self.image_transform.to_uint8(image)
+        else:
+            pixels = self.image_transform(Image.fromarray(image))
         return {
             "pixel_values": pixels,
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
@@ -96,7 +101,7 @@ class RLDSDataset(IterableDataset):
         else:  # unordered parallelism cannot be replayed: a fresh, differently seeded stream
             dataset, self._shuffle = build_resumable_frames(self.cfg, self.plan, reseed=start)
         self.frames_yielded = start
-        iterator = dataset.as_numpy_iterator()
+        iterator = numpy_frames(dataset)
         while True:
             try:
                 frame = next(iterator)

@@ -1,8 +1,9 @@
 """PIL image -> normalized tensor `[3, S, S]` (float32), per vision featurizer, as the reference builds them.
 
-Training splits the transform in two: `ImageTransform.to_uint8` (host: geometry only, `[3, S, S]` uint8) and
-`ImageTransform.normalize_on_device` (after the host-to-device copy: float conversion and mean/std), which together
-give exactly the float tensor of `ImageTransform.__call__` (the inference and export path).
+Training splits the transform in two: `ImageTransform.to_uint8` (host: geometry only, channels-last `[S, S, 3]` uint8;
+an image the geometry would leave unchanged is not touched at all) and `ImageTransform.normalize_on_device` (after the
+host-to-device copy: channels first, float conversion and mean/std), which together give exactly the float tensor of
+`ImageTransform.__call__` (the inference and export path).
 
 The base is timm's eval transform: `Resize(floor(S / crop_pct), bicubic, shorter side) -> CenterCrop(S) -> ToTensor ->
 Normalize(mean, std)`, with these reference adjustments:
@@ -75,15 +76,30 @@ class FeaturizerTransform:
     normalize: T.Normalize
     _stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, compare=False, repr=False)
+    _keeps: dict[tuple[int, int], bool] = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(to_float_tensor(self.geometry(image)))
 
+    def keeps(self, height: int, width: int) -> bool:
+        """Whether the geometry returns an RGB image of this size unchanged (then the host skips it: no PIL round
+        trip, no copy). Decided once per size by running the geometry on a random probe image."""
+        if (height, width) not in self._keeps:
+            probe = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+            out = np.asarray(self.geometry(Image.fromarray(probe)))
+            self._keeps[(height, width)] = out.shape == probe.shape and bool(np.array_equal(out, probe))
+        return self._keeps[(height, width)]
+
     def normalize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 `[..., 3, S, S]` on any device -> float32 normalized on that device, bit-equal to `__call__`'s
-        `ToTensor -> Normalize` (same float32 ops in the same order; mean/std cached per device: no sync)."""
+        """Channels-last uint8 `[..., S, S, 3]` on any device -> float32 `[..., 3, S, S]` normalized on that device,
+        bit-equal to `__call__`'s `ToTensor -> Normalize` (same float32 ops in the same order; mean/std cached per
+        device: no sync)."""
         if pixels.dtype != torch.uint8:
             raise TypeError(f"normalize_uint8 takes uint8 pixels, got {pixels.dtype}.")
+        if pixels.dim() < 3 or pixels.shape[-1] != 3:
+            raise ValueError(f"normalize_uint8 takes channels-last pixels [..., S, S, 3], got shape "
+                             f"{tuple(pixels.shape)}.")
+        pixels = pixels.movedim(-1, -3).contiguous()
         if pixels.device not in self._stats:
             self._stats[pixels.device] = tuple(  # type: ignore[assignment]
                 torch.as_tensor(v, dtype=torch.float32).view(-1, 1, 1).to(pixels.device)
@@ -108,8 +124,8 @@ def to_float_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> contiguous `[3, H, W]` uint8 (numpy only: no torch op, so no intra-op thread pool)."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+    """PIL RGB -> channels-last `[H, W, 3]` uint8 (numpy only: no torch op, so no intra-op thread pool)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
 def build_featurizer_transform(
@@ -152,15 +168,26 @@ class ImageTransform:
             return outputs[0]
         return dict(zip(self.keys, outputs, strict=True))
 
-    def to_uint8(self, image: Image.Image) -> torch.Tensor | dict[str, torch.Tensor]:
-        """PIL image -> `[3, S, S]` uint8 after each featurizer's geometry (or `{key: [3, S, S]}`); featurizers with
-        the same geometry get the same tensor object (the collator and the device copy then move it once)."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+    def to_uint8(self, image: Image.Image | np.ndarray) -> torch.Tensor | dict[str, torch.Tensor]:
+        """PIL image or `[H, W, 3]` uint8 array -> channels-last `[S, S, 3]` uint8 after each featurizer's geometry
+        (or `{key: [S, S, 3]}`); featurizers with the same geometry get the same tensor object (the collator and the
+        device copy then move it once). An array the geometry keeps is shared, not copied
+        (`FeaturizerTransform.keeps`)."""
+        array = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 \
+            and image.shape[2] == 3 else None
+        if array is None:
+            image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+            if image.mode != "RGB":
+                image = image.convert("RGB")
         shared: dict[tuple, torch.Tensor] = {}
         for transform in self.transforms:
-            if transform.geometry_key not in shared:
-                shared[transform.geometry_key] = to_uint8_tensor(transform.geometry(image))
+            if transform.geometry_key in shared:
+                continue
+            if array is not None and transform.keeps(*array.shape[:2]):
+                shared[transform.geometry_key] = torch.from_numpy(array)
+            else:
+                pil = Image.fromarray(array) if array is not None else image
+                shared[transform.geometry_key] = to_uint8_tensor(transform.geometry(pil))
         outputs = [shared[transform.geometry_key] for transform in self.transforms]
         return outputs[0] if not self.is_fused else dict(zip(self.keys, outputs, strict=True))
 
