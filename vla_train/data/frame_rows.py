@@ -6,7 +6,8 @@ string leaves plain `bytes`, so a buffered frame never keeps another frame's enc
 are stacked back into batches and re-enter TensorFlow through `from_generator`. Nothing is serialized on the way:
 this replaced one `serialize_tensor` per leaf and per frame and the matching `parse_tensor` calls (~0.3 ms of CPU
 per frame, ~12 % of the whole path to a batch). A leaf whose shape is not static (datasets of a mixture that differ
-in it) is the exception: it crosses as one serialized string per frame, parsed on the way back.
+in it) is the exception: it crosses as one serialized string per frame, parsed on the way back. A buffered row costs
+~0.7 KB beyond its encoded bytes (the tuple, the views, the bytes objects' headers): ~2 % of a 30 KB frame.
 
 `numpy_frames` is the way out of TensorFlow after decoding, batched for the same reason.
 """
