@@ -14,10 +14,13 @@ import torch
 from PIL import Image
 
 from tests.data.test_prefetch import _Counter, _item
+from vla_train.config.policy import OpenVLAPolicyConfig
 from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.data.prefetch import BatchPrefetcher
 from vla_train.models.vision import VisionBackbone
-from vla_train.training.trainer import _to_device
+from vla_train.training.trainer import device_inputs
+
+POLICY = OpenVLAPolicyConfig().build()  # the `openvla` policy's inputs
 
 SIZES = [(224, 224), (256, 320), (97, 61)]
 
@@ -49,9 +52,9 @@ def check_prefetch(device: torch.device) -> None:
     sync = BatchPrefetcher(_Counter(), _item, collate, 16, depth=0, normalize=lambda p: p.float() / 3)
     ahead = BatchPrefetcher(_Counter(), _item, collate, 16, depth=3, device=device, normalize=lambda p: p.float() / 3)
     for _ in range(50):
-        expected, batch = _to_device(next(sync), torch.device("cpu")), next(ahead)
+        expected, batch = device_inputs(POLICY, next(sync), torch.device("cpu")), next(ahead)
         assert batch["input_ids"].is_pinned() == (device.type == "cuda")
-        got = _to_device(batch, device)
+        got = device_inputs(POLICY, batch, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         assert all(torch.equal(expected[k], got[k].cpu()) for k in ("input_ids", "attention_mask", "labels",

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 import draccus
 import pytest
 
+from vla_train.config.train import TrainConfig
 from vla_train.config.vla import TRAIN_STRATEGIES, TinyTest, VLAConfig, get_vla_config, resolve_train_strategy
 
 # Facts §2.2, written out independently: vla_id -> (base_vlm, frz_vis, frz_llm, unfrz_last, data_mix, ews, gbs,
@@ -62,7 +63,9 @@ def test_tiny_entries():
         epochs=1000, max_steps=300, expected_world_size=2, global_batch_size=16, per_device_batch_size=8,
         learning_rate=2e-3, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="linear-warmup+cosine-decay",
         warmup_ratio=0.05, train_strategy="full-shard", enable_gradient_checkpointing=True,
-        enable_mixed_precision_training=True, reduce_in_full_precision=True, checkpoint_vision_blocks=False)
+        enable_mixed_precision_training=True, reduce_in_full_precision=True, checkpoint_vision_blocks=False,
+        policy=dict(predict_stop_token=True))
+    assert demo.policy.family == "openvla"
     test = get_vla_config("tiny-test")
     assert (test.base_vlm, test.data_mix, test.shuffle_buffer_size, test.epochs, test.max_steps,
             test.expected_world_size, test.global_batch_size, test.per_device_batch_size, test.learning_rate,
@@ -156,3 +159,18 @@ def test_cli_selects_entry_and_overrides_fields():
 def test_unknown_vla_id():
     with pytest.raises(ValueError, match="Unknown vla id 'openvla-13b'"):
         get_vla_config("openvla-13b")
+
+
+def test_the_policy_is_chosen_on_the_command_line_and_old_configs_read_as_openvla(capsys):
+    """`--vla.policy.type` selects the family; a config.json written before policies existed reads as `openvla`."""
+    parsed = draccus.parse(TrainConfig, args=["--vla.type", "tiny-demo", "--vla.policy.type", "openvla",
+                                              "--vla.policy.predict_stop_token", "false"])
+    assert parsed.vla.policy.family == "openvla" and parsed.vla.policy.predict_stop_token is False
+    encoded = draccus.encode(get_vla_config("tiny-demo"))
+    assert encoded["policy"] == {"type": "openvla", "predict_stop_token": True}
+    old = {key: value for key, value in encoded.items() if key != "policy"}
+    decoded = draccus.decode(VLAConfig, {**old, "type": "tiny-demo"})
+    assert decoded.policy == get_vla_config("tiny-demo").policy
+    with pytest.raises(SystemExit):
+        draccus.parse(TrainConfig, args=["--vla.type", "tiny-demo", "--vla.policy.type", "no-such-family"])
+    assert "invalid choice: 'no-such-family' (choose from 'openvla'" in capsys.readouterr().err

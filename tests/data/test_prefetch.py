@@ -16,11 +16,14 @@ from torch.utils.data import DataLoader
 
 from tests.conftest import build_tiny
 from tests.data.test_torch_side import _batch_transform
+from vla_train.config.policy import OpenVLAPolicyConfig
 from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.data.interleave import PipelineConfig, plan_mixture
 from vla_train.data.prefetch import DEVICE_INPUTS, BatchPrefetcher
 from vla_train.data.torch_dataset import RLDSDataset
-from vla_train.training.trainer import _to_device
+from vla_train.training.trainer import device_inputs
+
+POLICY = OpenVLAPolicyConfig().build()  # the `openvla` policy's inputs
 
 THREAD_NAME = "vla-batch-prefetch"
 
@@ -74,7 +77,7 @@ def test_batches_come_in_the_synchronous_order_with_the_last_partial_batch(depth
     ahead = list(_prefetcher(_Counter(length=23), depth=depth, stage_ahead=stage_ahead))
     expected = [list(range(start, min(start + 4, 23))) for start in range(0, 23, 4)]
     assert _ids(sync) == _ids(ahead) == expected
-    inputs = _to_device(ahead[1], torch.device("cpu"))
+    inputs = device_inputs(POLICY, ahead[1], torch.device("cpu"))
     assert DEVICE_INPUTS not in ahead[1] and inputs["pixel_values"].dtype == torch.float32
     assert inputs["pixel_values"][:, 0, 0, 0].tolist() == [4.0, 5.0, 6.0, 7.0]
     assert not _prefetch_threads()
@@ -126,7 +129,7 @@ def _same(a, b) -> bool:
 
 def _assert_same_batch(loaded: dict, prefetched: dict) -> None:
     """A DataLoader batch (float pixels) and a prefetched one (uint8, normalized by `_to_device`): bit-equal."""
-    inputs = _to_device(prefetched, torch.device("cpu"))
+    inputs = device_inputs(POLICY, prefetched, torch.device("cpu"))
     for key in ("input_ids", "attention_mask", "labels"):
         assert torch.equal(loaded[key], inputs[key])
     assert set(loaded["pixel_values"]) == set(inputs["pixel_values"]) == {"dino", "siglip"}
@@ -223,4 +226,4 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         _prefetcher(_Counter(), depth=1, batch_size=0)
     with pytest.raises(ValueError, match="need device normalization"):
-        _to_device({**next(_prefetcher(_Counter(), depth=0)), DEVICE_INPUTS: None}, torch.device("cpu"))
+        device_inputs(POLICY, {**next(_prefetcher(_Counter(), depth=0)), DEVICE_INPUTS: None}, torch.device("cpu"))

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor, Shard
 
 from tests.conftest import batch_pixels, build_tiny
+from vla_train.config.policy import OpenVLAPolicyConfig
 from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.models.freezing import freeze_backbones
 from vla_train.models.vla_prompt import vla_training_ids
@@ -85,7 +86,7 @@ def _run_plan(ctx: DistributedContext, micro_batches: list, mixed_precision: boo
     """The trainer's `accumulate_gradients` on the real `parallelize_vlm`; the layout after every micro-batch."""
     vlm = _sharded_vla(ctx, mixed_precision)
     layouts: list[list[str]] = []
-    accumulate_gradients(vlm, micro_batches, ctx, mixed_precision=mixed_precision,
+    accumulate_gradients(vlm, micro_batches, ctx, policy=OpenVLAPolicyConfig().build(), mixed_precision=mixed_precision,
                          on_micro_batch=lambda *_: layouts.append(_unsharded_grads(vlm)))
     grads = {name: p.grad.full_tensor() for name, p in vlm.named_parameters() if p.requires_grad}
     return {"layouts": layouts, "grads": grads, "vision_dtype": next(vlm.vision_backbone.parameters()).dtype}

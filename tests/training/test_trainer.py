@@ -10,8 +10,10 @@ import torch
 
 from tests.conftest import build_tiny
 from tests.training.test_accumulation import _items
+from vla_train.config.policy import OpenVLAPolicyConfig
 from vla_train.config.train import TrainConfig
 from vla_train.models.freezing import freeze_backbones
+from vla_train.models.policies.openvla import OpenVLAPolicy, TokenActionMetrics
 from vla_train.training import trainer as trainer_module
 from vla_train.training.distributed import DistributedContext
 from vla_train.training.entry import RunSummary, _print_summary
@@ -41,14 +43,26 @@ class _Loader(list):
         self.closed.append(True)
 
 
+class _StubPolicy(OpenVLAPolicy):
+    """The `openvla` policy, with metrics that need no model when the stub session has none."""
+
+    def __init__(self) -> None:
+        super().__init__(OpenVLAPolicyConfig())
+
+    def metrics(self, model, dataset_names, device, prefix="VLA Train"):
+        if hasattr(model, "llm_backbone"):
+            return super().metrics(model, dataset_names, device, prefix)
+        tokenizer = SimpleNamespace(action_token_begin_idx=10, vocab_end=20, bin_centers=np.zeros(8))
+        return TokenActionMetrics(tokenizer, dataset_names, model.num_patches, device, prefix)
+
+
 def _session(tmp_path, total_steps: int, log_interval: int, saves: list, closed: list) -> SimpleNamespace:
     cfg = TrainConfig(trackers=(), log_interval=log_interval, save_interval=10**9)
-    action_tokenizer = SimpleNamespace(action_token_begin_idx=10, vocab_end=20, bin_centers=np.zeros(8))
     return SimpleNamespace(
         cfg=cfg, run_id="stub", run_dir=tmp_path, ctx=SimpleNamespace(is_main=False, device=torch.device("cpu")),
         start_step=0, start_epoch=0, total_steps=total_steps, steps_per_epoch=1000, grad_accumulation_steps=1,
         dataset=SimpleNamespace(plan=SimpleNamespace(specs=[]), state_dict=dict),
-        vlm=SimpleNamespace(num_patches=4, train=lambda: None), action_tokenizer=action_tokenizer,
+        vlm=SimpleNamespace(num_patches=4, train=lambda: None), policy=_StubPolicy(),
         loader=_Loader(closed),
         optimizer=None, scheduler=SimpleNamespace(get_last_lr=lambda: [1e-4]),
         checkpoints=SimpleNamespace(save=lambda step, epoch, loss, *_, **__: saves.append((step, loss)),
@@ -147,7 +161,8 @@ def test_a_real_step_reads_nothing_back_but_the_cpu_token_count(process_group, m
         monkeypatch.undo()
     finally:
         trainer.signal.restore()
-    # per step: `int(count)` of each CPU micro-batch's labels, then `.item()` of the all-reduced CPU total
-    assert reads == ["__int__ cpu () <genexpr>", "__int__ cpu () <genexpr>", "item cpu (1,) global_token_count"] * 2
+    # per step: `float(count)` of each CPU micro-batch's supervised tokens, then `.item()` of the all-reduced CPU total
+    assert reads == ["__float__ cpu () loss_weight", "__float__ cpu () loss_weight",
+                     "item cpu (1,) global_loss_weight"] * 2
     assert all(p.grad is None for p in vlm.parameters())
     assert float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm) > 0

@@ -14,10 +14,12 @@ Differences from the reference, all checked in `validate()` before any work:
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import draccus
+
+from vla_train.config.policy import PolicyConfig, default_policy
 
 LR_SCHEDULERS = ("constant", "linear-warmup+cosine-decay")
 TRAIN_STRATEGIES = {
@@ -79,6 +81,7 @@ class VLAConfig(draccus.ChoiceRegistry):
     enable_mixed_precision_training: bool = True  # bf16 autocast over FP32 master weights
     reduce_in_full_precision: bool = True  # reduce gradients in FP32 (else bf16)
     checkpoint_vision_blocks: bool = False  # also activation-checkpoint the ViT blocks
+    policy: PolicyConfig = field(default_factory=default_policy)  # the policy family (--vla.policy.type) and options
 
     def __post_init__(self) -> None:
         # draccus writes a Path as a string and reads a `str | Path` back as str: store str so configs round-trip.

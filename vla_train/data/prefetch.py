@@ -31,7 +31,7 @@ import torch
 
 from vla_train.log import logger
 
-DEVICE_INPUTS = "device_inputs"  # the batch key of its StagedInputs (popped by the trainer's `_to_device`)
+DEVICE_INPUTS = "device_inputs"  # the batch key of its StagedInputs (popped by the trainer's `device_inputs`)
 _POLL_S = 0.1  # how often a blocked producer / consumer looks at the stop flag / the producer's liveness
 _JOIN_S = 10.0  # how long close() waits for the producer to notice the stop flag
 
@@ -50,9 +50,17 @@ class _Item:
 _END = _Item()
 
 
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """A collated batch's model inputs: its tensors and dicts of tensors (metadata lists, e.g. dataset names, stay
+    behind)."""
+    return {key: value for key, value in batch.items() if isinstance(value, torch.Tensor) or (
+        isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()))}
+
+
 class StagedInputs:
-    """A collated batch's model inputs copied to `device`: on CUDA non-blocking on `stream` (an event marks the end
-    of the copies), else plainly. Pixel tensors shared between keys are copied once."""
+    """A collated batch's model inputs (its tensors and dicts of tensors; metadata lists stay behind) copied to
+    `device`: on CUDA non-blocking on `stream` (an event marks the end of the copies), else plainly. Tensors shared
+    between keys are copied once."""
 
     def __init__(self, batch: dict[str, Any], device: torch.device, normalize: Normalizer | None,
                  stream: "torch.cuda.Stream | None") -> None:
@@ -66,10 +74,8 @@ class StagedInputs:
             return copies[id(tensor)]
 
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            pixels = batch["pixel_values"]
-            self.inputs = {key: move(batch[key]) for key in ("input_ids", "attention_mask", "labels")}
-            self.inputs["pixel_values"] = {k: move(v) for k, v in pixels.items()} if isinstance(pixels, dict) \
-                else move(pixels)
+            self.inputs = {key: {k: move(v) for k, v in value.items()} if isinstance(value, dict) else move(value)
+                           for key, value in model_inputs(batch).items()}
             if stream is not None:
                 self.event = torch.cuda.Event()
                 self.event.record(stream)

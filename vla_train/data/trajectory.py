@@ -55,7 +55,9 @@ def chunk_actions_and_observations(trajectory: dict[str, Any], window_size: int 
 
     Action indices past the goal step (`task.timestep` when relabeled, else T - 1) are neutral: relative dimensions
     become 0 and absolute ones (the gripper, `absolute_action_mask`) repeat the last valid value.
-    `observation.pad_mask` `[T, window]` marks real (not floored) history steps.
+    `observation.pad_mask` `[T, window]` marks real (not floored) history steps, and `action_pad_mask`
+    `[T, window + future]` bool the real action steps: True for indices in [0, goal], False past the goal (the
+    episode's end: neutral actions) and for history indices before step 0 (floored copies of step 0).
     """
     length = tf.shape(trajectory["action"])[0]
     steps = tf.range(length)[:, None]
@@ -69,7 +71,8 @@ def chunk_actions_and_observations(trajectory: dict[str, Any], window_size: int 
     past_goal = (action_index > goal[:, None])[:, :, None]
     absolute = trajectory["absolute_action_mask"][:, None, :]
     action = tf.where(tf.logical_and(past_goal, tf.logical_not(absolute)), tf.zeros_like(action), action)
-    return {**trajectory, "observation": observation, "action": action}
+    action_pad_mask = tf.logical_and(action_index >= 0, action_index <= goal[:, None])
+    return {**trajectory, "observation": observation, "action": action, "action_pad_mask": action_pad_mask}
 
 
 def subsample(trajectory: dict[str, Any], length: int, seed: tf.Tensor) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Held-out evaluation: action-token accuracy and L1 on the validation split, reduced across ranks.
+"""Held-out evaluation: the policy's metrics (OpenVLA: action-token accuracy and L1) on the validation split, reduced
+across ranks.
 
 Skipped, with a warning, when the held-out split cannot give every rank data (e.g. no `val` split and about ten
 episodes or fewer, so `train[95%:]` is empty). The decision comes from the plan, which is identical on every rank.
@@ -11,9 +12,8 @@ from torch.utils.data import DataLoader
 from vla_train.data.interleave import MixturePlan
 from vla_train.log import logger
 from vla_train.training.distributed import all_reduce
-from vla_train.training.metrics import ActionMetrics
 from vla_train.training.session import TrainingSession
-from vla_train.training.trainer import _to_device
+from vla_train.training.trainer import device_inputs
 
 
 def held_out_available(plan: MixturePlan, world_size: int) -> bool:
@@ -48,14 +48,13 @@ def evaluate_held_out(session: TrainingSession, max_batches: int = 50) -> dict[s
         logger.warning("Skipping held-out evaluation: a rank read no held-out frame (e.g. none has an instruction).")
         return {}
     names = [spec.name for spec in s.dataset.plan.specs]
-    metrics = ActionMetrics(s.action_tokenizer, names, s.vlm.num_patches, s.ctx.device, prefix="Held-out")
+    metrics = s.policy.metrics(s.vlm, names, s.ctx.device, prefix="Held-out")
     s.vlm.eval()
     autocast = torch.autocast(s.ctx.device.type, dtype=torch.bfloat16,
                               enabled=s.cfg.vla.enable_mixed_precision_training)
     with torch.no_grad(), autocast:
         for batch in batches[: int(count.item())]:
-            inputs = _to_device(batch, s.ctx.device)
-            output = s.vlm(**inputs)
-            metrics.accumulate(output.logits, inputs["labels"], batch.get("dataset_names", []))
+            inputs = device_inputs(s.policy, batch, s.ctx.device)
+            metrics.add(batch, inputs, s.policy.forward(s.vlm, inputs, normalizer=None))
     s.vlm.train()
     return metrics.reduce()

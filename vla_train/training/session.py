@@ -11,14 +11,13 @@ import numpy as np
 import torch
 
 from vla_train.config.train import TrainConfig, resolve_run_id, validate_train_config
-from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.data.interleave import PipelineConfig
 from vla_train.data.prefetch import BatchPrefetcher
-from vla_train.data.torch_dataset import RLDSBatchTransform, RLDSDataset
+from vla_train.data.torch_dataset import RLDSDataset
 from vla_train.log import logger, setup_logging
-from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.build import check_all_fp32
 from vla_train.models.freezing import freeze_backbones
+from vla_train.models.policies.base import Policy
 from vla_train.models.vlm import PrismaticVLM
 from vla_train.training.checkpoint import CheckpointManager
 from vla_train.training.checkpoint_state import training_states
@@ -44,7 +43,7 @@ class TrainingSession:
     run_dir: Path
     plan: RunPlan
     vlm: PrismaticVLM
-    action_tokenizer: ActionTokenizer
+    policy: Policy  # everything family-specific: inputs, loss, metrics (`--vla.policy.type`)
     dataset: RLDSDataset
     loader: BatchPrefetcher  # the training batches; its state_dict() (and dataset's) = frames consumed
     optimizer: torch.optim.Optimizer
@@ -80,19 +79,16 @@ def load_model(cfg: TrainConfig) -> PrismaticVLM:
     return build_meta_vlm(model_source(cfg))
 
 
-def build_dataset(cfg: TrainConfig, ctx: DistributedContext, vlm: PrismaticVLM,
-                  action_tokenizer: ActionTokenizer) -> RLDSDataset:
-    tokenizer = vlm.llm_backbone.get_tokenizer()
-    transform = RLDSBatchTransform(action_tokenizer, tokenizer, vlm.vision_backbone.get_image_transform(),
-                                   vlm.llm_backbone.prompt_builder_fn)
+def build_dataset(cfg: TrainConfig, ctx: DistributedContext, vlm: PrismaticVLM, policy: Policy) -> RLDSDataset:
     pipeline = PipelineConfig(
         data_root_dir=Path(cfg.data_root_dir), data_mix=cfg.vla.data_mix,
         resize_resolution=tuple(vlm.vision_backbone.default_image_resolution[1:]),
         shuffle_buffer_size=cfg.vla.shuffle_buffer_size, image_aug=cfg.image_aug, seed=cfg.seed, rank=ctx.rank,
         world_size=ctx.world_size, deterministic=cfg.deterministic_data, registry_dirs=tuple(cfg.registry_dirs),
         allow_missing_datasets=cfg.allow_missing_datasets, statistics_cache_dir=cfg.statistics_cache_dir,
-        statistics_timeout_s=cfg.statistics_timeout_s, local_world_size=ctx.local_world_size)
-    return RLDSDataset(pipeline, transform, is_main_process=ctx.is_main)
+        statistics_timeout_s=cfg.statistics_timeout_s, local_world_size=ctx.local_world_size,
+        **policy.pipeline_overrides())
+    return RLDSDataset(pipeline, policy.batch_transform(vlm), is_main_process=ctx.is_main)
 
 
 def build_session(cfg: TrainConfig) -> TrainingSession:
@@ -117,14 +113,13 @@ def _build(cfg: TrainConfig, ctx: DistributedContext, run_id: str, plan: RunPlan
     check_all_fp32(vlm)
     stage = cfg.vla.stage()
     freeze_backbones(vlm, stage)
-    tokenizer = vlm.llm_backbone.get_tokenizer()
-    action_tokenizer = ActionTokenizer(tokenizer, vocab_end=vlm.llm_backbone.action_vocab_end)
-    dataset = build_dataset(cfg, ctx, vlm, action_tokenizer)
+    policy = cfg.vla.policy.build()
+    dataset = build_dataset(cfg, ctx, vlm, policy)
     # rank-0-only side effect: the run directory's config and statistics files (a failure raises on every rank)
     run_on_every_rank(lambda: write_run_files(cfg, plan, dataset.dataset_statistics) if ctx.is_main else None,
                       f"writing the run files of {plan.run_dir}")
 
-    collator = PaddedCollatorForActionPrediction(tokenizer.model_max_length, tokenizer.pad_token_id)
+    collator = policy.collator(vlm)
     # uint8 pixels from the background thread, normalized on the device (dataset.batch_transform stays float32)
     loader = BatchPrefetcher(dataset, replace(dataset.batch_transform, uint8_pixels=True), collator,
                              cfg.vla.per_device_batch_size, depth=cfg.prefetch_batches, device=ctx.device,
@@ -142,7 +137,7 @@ def _build(cfg: TrainConfig, ctx: DistributedContext, run_id: str, plan: RunPlan
     scheduler = build_lr_scheduler(optimizer, cfg.vla.lr_scheduler_type, total_steps, cfg.vla.warmup_ratio)
     session = TrainingSession(
         cfg=cfg, ctx=ctx, run_id=run_id, run_dir=plan.run_dir, plan=plan, vlm=vlm,
-        action_tokenizer=action_tokenizer, dataset=dataset, loader=loader, optimizer=optimizer, scheduler=scheduler,
+        policy=policy, dataset=dataset, loader=loader, optimizer=optimizer, scheduler=scheduler,
         checkpoints=CheckpointManager(plan.run_dir, keep_last_k=cfg.keep_last_k,
                                       save_consolidated=cfg.save_consolidated, async_save=cfg.async_checkpoint,
                                       model_id=plan.model_config.get("type")), total_steps=total_steps,

@@ -1,10 +1,12 @@
 """The training loop: accumulate, step, clip, log, save, stop — and nothing else.
 
-Gradient accumulation is weighted by supervised tokens: every micro-batch's summed token loss is divided by the
-number of supervised tokens in the whole global batch (all ranks, all micro-batches), so the update equals that of
-one big batch whatever the padding. Gradients stay sharded: FSDP2 reduce-scatters every micro-batch's gradient and
+Gradient accumulation is weighted by the policy's loss weight (supervised tokens for token losses, valid chunk elements
+for continuous ones): every micro-batch's summed loss is divided by the loss weight of the whole global batch (all
+ranks, all micro-batches), so the update equals that of one big batch whatever the padding. Everything
+family-specific (inputs, loss, metrics, token counts) comes from the session's `Policy`; the loop never branches on
+the family. Gradients stay sharded: FSDP2 reduce-scatters every micro-batch's gradient and
 accumulates it into the sharded `.grad` (no unsharded fp32 gradient lives across micro-batches). Between logging
-steps nothing waits for the device: the token count is a CPU all-reduce of counts taken from the CPU batches, and
+steps nothing waits for the device: the loss weight is a CPU all-reduce of counts taken from the CPU batches, and
 the grad norm stays a device tensor until a logging step. SIGTERM / SIGINT / SIGHUP / SIGUSR1 finish the current
 step, save (within a time budget, see `StopSignal`) and exit cleanly; every rank learns of a stop through one small
 CPU all-reduce per step (a gloo group: no device synchronisation).
@@ -23,18 +25,18 @@ import torch.distributed as dist
 
 from vla_train.data.prefetch import DEVICE_INPUTS
 from vla_train.log import logger
-from vla_train.models.llm import IGNORE_INDEX
 from vla_train.training.checkpoint_state import TRAIN_STATE, DictState, training_states
 from vla_train.training.distributed import DistributedContext, all_reduce
 from vla_train.training.flops import flops_model_for_vlm, resolve_peak_flops
-from vla_train.training.metrics import ActionMetrics, ProgressBar, ThroughputMeter, reduce_metrics
+from vla_train.training.metrics import ProgressBar, ThroughputMeter, reduce_metrics
 from vla_train.training.trackers import make_trackers
 
 if TYPE_CHECKING:  # the session builds the data pipeline: not needed to import the loop
+    from vla_train.models.policies.base import Policy, PolicyOutput
     from vla_train.training.session import TrainingSession
 
 LOSS_KEY = "VLA Train/Loss"
-# Called after each micro-batch's backward with (the CPU batch, its device inputs, the model output).
+# Called after each micro-batch's backward with (the CPU batch, its device inputs, the policy output).
 MicroBatchHook = Callable[[dict[str, Any], dict[str, Any], Any], None]
 
 
@@ -117,50 +119,48 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def device_inputs(policy: "Policy", batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The model inputs of a collated CPU batch on `device`. A prefetched batch (`BatchPrefetcher`) brings them
     staged (copied ahead on a side stream, uint8 pixels normalized on the device), popped here so that the device
-    tensors die with the micro-batch; otherwise the batch's float pixels are copied as they are."""
+    tensors die with the micro-batch; otherwise the policy copies the batch's tensors (float pixels) as they are."""
     staged = batch.pop(DEVICE_INPUTS, None)
     if staged is not None:
         return staged.take()
-    pixels = batch["pixel_values"]
-    if any(p.dtype == torch.uint8 for p in (pixels.values() if isinstance(pixels, dict) else [pixels])):
+    pixels = batch.get("pixel_values")
+    if pixels is not None and any(p.dtype == torch.uint8 for p in (pixels.values() if isinstance(pixels, dict)
+                                                                   else [pixels])):
         raise ValueError("uint8 pixel_values need device normalization: iterate a BatchPrefetcher (or pass float "
                          "pixels from ImageTransform.__call__).")
-    pixels = {k: v.to(device, non_blocking=True) for k, v in pixels.items()} if isinstance(pixels, dict) \
-        else pixels.to(device, non_blocking=True)
-    return {"input_ids": batch["input_ids"].to(device, non_blocking=True),
-            "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
-            "labels": batch["labels"].to(device, non_blocking=True), "pixel_values": pixels}
+    return policy.device_inputs(batch, device)
 
 
-def global_token_count(batches: Sequence[dict[str, Any]], group: dist.ProcessGroup | None = None) -> float:
-    """Supervised tokens of the global batch (every rank, every micro-batch). Counted on the CPU batches before they
-    move to the device and summed by a CPU all-reduce (`group` must be gloo): it never waits for the device."""
-    local = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))],
-                         dtype=torch.float64)
+def global_loss_weight(policy: "Policy", batches: Sequence[dict[str, Any]],
+                       group: dist.ProcessGroup | None = None) -> float:
+    """The elements the global batch's loss sums over (every rank, every micro-batch: supervised tokens, valid chunk
+    elements, per `policy.loss_weight`). Counted on the CPU batches before they move to the device and summed by a
+    CPU all-reduce (`group` must be gloo): it never waits for the device."""
+    local = torch.tensor([sum(policy.loss_weight(b) for b in batches)], dtype=torch.float64)
     return all_reduce(local, group=group).item()
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: Sequence[dict[str, Any]], ctx: DistributedContext, *,
-                         mixed_precision: bool, token_group: dist.ProcessGroup | None = None,
+                         policy: "Policy", mixed_precision: bool, token_group: dist.ProcessGroup | None = None,
                          on_micro_batch: MicroBatchHook | None = None) -> None:
     """Forward and backward every micro-batch of one optimizer step on an FSDP2 model (collective).
 
-    Each micro-batch's summed token loss is divided by the global supervised-token count over the world size (FSDP
-    averages gradients over ranks), so the accumulated gradient is that of one big batch. Gradient sync stays on for
-    every micro-batch (torchtitan's choice): FSDP2 reduce-scatters each micro-batch's gradient and accumulates it into
-    the sharded `.grad`, so no unsharded gradient (fp32: 4 bytes per trainable parameter per rank) outlives a
-    micro-batch, at the cost of one reduce-scatter per micro-batch instead of per step.
+    Each micro-batch's summed loss is divided by the global loss weight over the world size (FSDP averages gradients
+    over ranks), so the accumulated gradient is that of one big batch. Gradient sync stays on for every micro-batch
+    (torchtitan's choice): FSDP2 reduce-scatters each micro-batch's gradient and accumulates it into the sharded
+    `.grad`, so no unsharded gradient (fp32: 4 bytes per trainable parameter per rank) outlives a micro-batch, at the
+    cost of one reduce-scatter per micro-batch instead of per step.
     """
-    tokens_per_rank = global_token_count(batches, token_group) / ctx.world_size
+    normalizer = global_loss_weight(policy, batches, token_group) / ctx.world_size
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=mixed_precision)
     model.set_requires_gradient_sync(True)
     for batch in batches:
-        inputs = _to_device(batch, ctx.device)
+        inputs = device_inputs(policy, batch, ctx.device)
         with autocast:
-            output = model(**inputs, num_items_in_batch=tokens_per_rank)
+            output = policy.forward(model, inputs, normalizer)
         output.loss.backward()
         if on_micro_batch is not None:
             on_micro_batch(batch, inputs, output)
@@ -174,29 +174,27 @@ class Trainer:
         self.trackers = make_trackers(cfg.trackers, session.run_id, session.run_dir, hparams, cfg.wandb_project,
                                       cfg.wandb_entity, session.ctx.is_main, start_step=session.start_step)
         names = [spec.name for spec in session.dataset.plan.specs]
-        self.metrics = ActionMetrics(session.action_tokenizer, names, session.vlm.num_patches, session.ctx.device)
+        self.metrics = session.policy.metrics(session.vlm, names, session.ctx.device)
         self.throughput = ThroughputMeter(
             session.ctx.device, flops_model=flops_model_for_vlm(session.vlm),
             peak_flops_per_device=resolve_peak_flops(session.ctx.device, cfg.peak_device_tflops))
         self.progress = ProgressBar(session.total_steps, session.start_step, session.ctx.is_main)
         self.signal = StopSignal(cfg.signal_save_budget_s)
 
-    def _count(self, batch: dict[str, Any], inputs: dict[str, Any], output: Any) -> None:
-        """Metrics of one micro-batch, accumulated on the device (no sync); the training output carries logits at
-        the supervised positions only (`SupervisedCausalLMOutput`), a full output works too."""
-        labels = inputs["labels"]
-        self.metrics.accumulate_output(output, labels, batch.get("dataset_names", []))
-        text_lengths = inputs["attention_mask"].sum(dim=1)
-        self.throughput.count(labels.shape[0], text_lengths.sum() + labels.shape[0] * self.s.vlm.num_patches,
-                              (labels[:, 1:] != IGNORE_INDEX).sum(), text_lengths=text_lengths)
+    def _count(self, batch: dict[str, Any], inputs: dict[str, Any], output: "PolicyOutput") -> None:
+        """Metrics and throughput of one micro-batch, accumulated on the device (no sync)."""
+        self.metrics.add(batch, inputs, output)
+        counts = self.s.policy.token_counts(self.s.vlm, inputs)
+        self.throughput.count(counts.samples, counts.positions, counts.supervised, text_lengths=counts.text_lengths)
 
     def _train_step(self, data_iter: Iterator[dict[str, Any]]) -> torch.Tensor:
         """One optimizer step; returns the grad norm as a device tensor (converted to float on logging steps only)."""
         s, cfg = self.s, self.s.cfg
         with self.throughput.waiting_for_data():
             batches = [next(data_iter) for _ in range(s.grad_accumulation_steps)]
-        accumulate_gradients(s.vlm, batches, s.ctx, mixed_precision=cfg.vla.enable_mixed_precision_training,
-                             token_group=self.signal.group, on_micro_batch=self._count)
+        accumulate_gradients(s.vlm, batches, s.ctx, policy=s.policy,
+                             mixed_precision=cfg.vla.enable_mixed_precision_training, token_group=self.signal.group,
+                             on_micro_batch=self._count)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in s.vlm.parameters() if p.requires_grad],
                                                    cfg.vla.max_grad_norm)
         s.optimizer.step()
