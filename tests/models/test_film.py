@@ -5,13 +5,12 @@ import torch
 from timm.models.vision_transformer import Block
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from vla_train.models.policies.film import (
+from vla_train.export.oft_keys import from_oft_state_dict, to_oft_state_dict
+from vla_train.models.oft.film import (
     FiLMedBlock,
     FiLMedVisionBackbone,
     apply_film,
     average_language_embedding,
-    from_oft_state_dict,
-    to_oft_state_dict,
 )
 from vla_train.models.vision import VisionBackbone
 

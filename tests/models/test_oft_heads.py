@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from vla_train.models.policies.oft_heads import (
+from vla_train.models.oft.heads import (
     DiffusionActionHead,
     L1RegressionActionHead,
     MLPResNet,

@@ -13,7 +13,7 @@ from tests.training.test_accumulation import _items
 from vla_train.config.policy import OpenVLAPolicyConfig
 from vla_train.config.train import TrainConfig
 from vla_train.models.freezing import freeze_backbones
-from vla_train.models.policies.openvla import OpenVLAPolicy, TokenActionMetrics
+from vla_train.policies.openvla import OpenVLAPolicy, TokenActionMetrics
 from vla_train.training import trainer as trainer_module
 from vla_train.training.distributed import DistributedContext
 from vla_train.training.entry import RunSummary, _print_summary

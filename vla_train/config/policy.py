@@ -1,7 +1,7 @@
 """PolicyConfig: which policy family a VLA run trains, and that family's options (`--vla.policy.type <family>`).
 
 A draccus `ChoiceRegistry`, one subclass per family, holding only options (no torch import here: configs load
-without the model stack). `PolicyConfig.build()` returns the family's `Policy` (`vla_train/models/policies/`), the
+without the model stack). `PolicyConfig.build()` returns the family's `Policy` (`vla_train/policies/`), the
 object the trainer, evaluation, checkpoints and export call for everything family-specific
 (shared/design/policies.md). A run directory written before policies existed has no `policy` entry in its
 config.json and reads back as `openvla`, the default.
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import draccus
 
 if TYPE_CHECKING:
-    from vla_train.models.policies.base import Policy
+    from vla_train.policies.base import Policy
 
 
 @dataclass
@@ -37,7 +37,7 @@ class OpenVLAPolicyConfig(PolicyConfig):
     predict_stop_token: bool = True  # supervise the stop token after the action tokens (the reference does)
 
     def build(self) -> "Policy":
-        from vla_train.models.policies.openvla import OpenVLAPolicy  # lazy: the model stack imports transformers
+        from vla_train.policies.openvla import OpenVLAPolicy  # lazy: the model stack imports transformers
 
         return OpenVLAPolicy(self)
 

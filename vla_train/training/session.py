@@ -17,8 +17,8 @@ from vla_train.data.torch_dataset import RLDSDataset
 from vla_train.log import logger, setup_logging
 from vla_train.models.build import check_all_fp32
 from vla_train.models.freezing import freeze_backbones
-from vla_train.models.policies.base import Policy
 from vla_train.models.vlm import PrismaticVLM
+from vla_train.policies.base import Policy
 from vla_train.training.checkpoint import CheckpointManager
 from vla_train.training.checkpoint_state import training_states
 from vla_train.training.distributed import DistributedContext, init_distributed, run_on_every_rank

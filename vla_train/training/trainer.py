@@ -32,7 +32,7 @@ from vla_train.training.metrics import ProgressBar, ThroughputMeter, reduce_metr
 from vla_train.training.trackers import make_trackers
 
 if TYPE_CHECKING:  # the session builds the data pipeline: not needed to import the loop
-    from vla_train.models.policies.base import Policy, PolicyOutput
+    from vla_train.policies.base import Policy, PolicyOutput
     from vla_train.training.session import TrainingSession
 
 LOSS_KEY = "VLA Train/Loss"

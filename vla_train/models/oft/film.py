@@ -18,13 +18,11 @@ ViT linears are `<name>.base_layer.*` + `<name>.lora_{A,B}.default.*`: merge tho
 """
 
 import types
-from collections.abc import Mapping
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from vla_train.export.keys import hf_to_native, native_to_hf
 from vla_train.models.vision import VisionBackbone
 
 
@@ -122,14 +120,3 @@ def apply_film(vision_backbone: VisionBackbone, llm_dim: int, zero_init: bool = 
     for module in vision_backbone.unused_modules():
         module.requires_grad_(False)
     return vision_backbone
-
-
-def to_oft_state_dict(vision_backbone: FiLMedVisionBackbone) -> dict[str, torch.Tensor]:
-    """Our state dict -> OFT's `vision_backbone--{step}_checkpoint.pt` layout (without LoRA; same tensors)."""
-    modules = {"vision_backbone": vision_backbone.state_dict(), "projector": {}, "llm_backbone": {}}
-    return native_to_hf(modules, vision_backbone.keys)
-
-
-def from_oft_state_dict(state: Mapping[str, torch.Tensor], featurizer_keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """OFT's (LoRA-merged) `vision_backbone--*` state dict -> ours, for `FiLMedVisionBackbone.load_state_dict`."""
-    return hf_to_native(state, featurizer_keys)["vision_backbone"]

@@ -17,7 +17,7 @@ from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.data.torch_dataset import RLDSBatchTransform
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.llm import IGNORE_INDEX
-from vla_train.models.policies.base import Batch, Policy, PolicyOutput, TokenCounts
+from vla_train.policies.base import Batch, Policy, PolicyOutput, TokenCounts
 from vla_train.training.metrics import ActionMetrics
 
 

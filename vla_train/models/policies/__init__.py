@@ -1,1 +1,0 @@
-"""Policy families: one interface (`base.py`), one registry, a module per family (design/policies.md)."""
