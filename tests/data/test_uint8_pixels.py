@@ -81,6 +81,8 @@ def test_uint8_pixels_need_an_image_transform_and_uint8_input():
         transform.normalize_on_device(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="one pixel tensor"):
         transform.normalize_on_device({"": torch.zeros(1, 3, 64, 64, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match=r"channels-last pixels \[\.\.\., S, S, 3\], got shape \(1, 3, 64, 64\)"):
+        transform.normalize_on_device(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))  # channels-first: refused
 
 
 @pytest.mark.parametrize("strategy", RESIZE_STRATEGIES)
