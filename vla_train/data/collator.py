@@ -5,9 +5,11 @@ real tokens by position (the reference compared ids to the pad id, which breaks 
 Qwen's `<|endoftext|>` can be). Pixel values are stacked per tensor, or per key for fused backbones: float pixels
 are cast to `pixel_values_dtype`; uint8 pixels (training: normalized on the device) stay uint8, are stacked with numpy
 (no torch intra-op threads), and keys whose per-instance tensors are the same objects (fused featurizers with the
-same geometry) share one stacked tensor. `pin_memory=True` allocates every output tensor in pinned host memory.
+same geometry) share one stacked tensor. Any other per-instance tensor (a policy's action chunk, its mask, proprio) is
+stacked under its own key. `pin_memory=True` allocates every output tensor in pinned host memory.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,18 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from vla_train.models.llm import IGNORE_INDEX
+
+
+def stack_sharing(values: list[Any], stack: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
+    """Stack per-item pixels (tensors, or dicts of featurizer tensors) with `stack`. Keys whose per-item tensors are
+    the same objects (fused featurizers with the same geometry) share one stacked tensor."""
+    if not isinstance(values[0], dict):
+        return stack(values)
+    stacked: dict[str, torch.Tensor] = {}
+    for key in values[0]:
+        twin = next((k for k in stacked if all(v[k] is v[key] for v in values)), None)
+        stacked[key] = stacked[twin] if twin is not None else stack([v[key] for v in values])
+    return stacked
 
 
 @dataclass
@@ -42,17 +56,14 @@ class PaddedCollatorForActionPrediction:
         pixel_values = [instance["pixel_values"] for instance in instances]
         if any(p is None for p in pixel_values):
             raise ValueError("Every instance needs pixel_values (VLA batches are multimodal).")
-        if isinstance(pixel_values[0], dict):
-            stacked: torch.Tensor | dict[str, torch.Tensor] = {}
-            for key in pixel_values[0]:
-                twin = next((k for k in stacked if all(p[k] is p[key] for p in pixel_values)), None)
-                stacked[key] = stacked[twin] if twin is not None else self._stack([p[key] for p in pixel_values])
-        else:
-            stacked = self._stack(pixel_values)
-        text = [padded_ids, attention_mask, padded_labels]
+        # per-sample tensors other than the text and pixels (a policy's action chunk, its mask, proprio): stacked
+        extra = [key for key, value in instances[0].items()
+                 if isinstance(value, torch.Tensor) and key not in ("input_ids", "labels", "pixel_values")]
+        tensors = {"input_ids": padded_ids, "attention_mask": attention_mask, "labels": padded_labels,
+                   **{key: torch.stack([instance[key] for instance in instances]) for key in extra}}
         if self.pin_memory:
-            text = [tensor.pin_memory() for tensor in text]
-        batch = {"pixel_values": stacked, "input_ids": text[0], "attention_mask": text[1], "labels": text[2]}
+            tensors = {key: tensor.pin_memory() for key, tensor in tensors.items()}
+        batch = {"pixel_values": stack_sharing(pixel_values, self._stack), **tensors}
         if "dataset_name" in instances[0]:
             batch["dataset_names"] = [instance["dataset_name"] for instance in instances]
         return batch

@@ -1,0 +1,58 @@
+"""Frames -> tensors for policies that predict an action chunk in one pass (OpenVLA-OFT; later VLA-Adapter).
+
+`ChunkBatchTransform` turns a numpy frame into OFT's training sample: the prompt "What action should the robot take
+to {instruction}?" answered by the whole chunk's action tokens (H x A ids, step t first, then t+1, ...: OFT's order)
+and the stop token, with labels on exactly those (`vla_training_ids`, as for OpenVLA; the model reads the chunk from
+the action slots' positions); the normalized chunk `actions [H, A]` and its `action_mask [H]` (False past the
+episode's end); normalized `proprio [P]` when the policy uses it; and the pixels of every camera role in
+`needs.cameras` order, stacked on a camera axis: `[C, 3, S, S]` float32 (or channels-last `[C, S, S, 3]` uint8 with
+`uint8_pixels`, normalized on the device), per featurizer key for fused backbones.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from vla_train.data.collator import stack_sharing
+from vla_train.data.sample import DataNeeds, sample_from_frame
+from vla_train.models.action_tokenizer import ActionTokenizer
+from vla_train.models.prompts import PromptBuilder
+from vla_train.models.vla_prompt import vla_training_ids
+
+
+@dataclass
+class ChunkBatchTransform:
+    """numpy frame (pipeline built with `needs.pipeline_overrides()`) -> one chunk-policy sample (module docstring)."""
+
+    action_tokenizer: ActionTokenizer
+    base_tokenizer: PreTrainedTokenizerBase
+    image_transform: Any  # an ImageTransform
+    prompt_builder_fn: type[PromptBuilder]
+    needs: DataNeeds
+    uint8_pixels: bool = False  # as RLDSBatchTransform: geometry on the host, normalization on the device
+
+    def __call__(self, frame: dict[str, Any]) -> dict[str, Any]:
+        sample = sample_from_frame(frame, self.needs)
+        chunk_ids = self.action_tokenizer.encode_to_ids(sample.actions).reshape(-1)  # [H * A], step-major
+        input_ids, labels = vla_training_ids(self.prompt_builder_fn, self.base_tokenizer, sample.instruction,
+                                             chunk_ids, predict_stop_token=True)
+        images = [sample.images[role] for role in self.needs.cameras]
+        if self.uint8_pixels:
+            pixels = [self.image_transform.to_uint8(image) for image in images]
+        else:
+            pixels = [self.image_transform(Image.fromarray(image)) for image in images]
+        item = {
+            "pixel_values": stack_sharing(pixels, torch.stack),  # [C, ...] per featurizer key
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "actions": torch.from_numpy(np.ascontiguousarray(sample.actions, dtype=np.float32)),
+            "action_mask": torch.from_numpy(np.ascontiguousarray(sample.action_mask, dtype=bool)),
+            "dataset_name": sample.dataset_name,
+        }
+        if sample.proprio is not None:
+            item["proprio"] = torch.from_numpy(np.ascontiguousarray(sample.proprio, dtype=np.float32))
+        return item
