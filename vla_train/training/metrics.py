@@ -65,24 +65,20 @@ _LOSS_SUM, _LOSS_TOKENS, _CORRECT, _ACTION_TOKENS, _L1_SUM, _SAMPLES = range(6)
 _NUM_COLUMNS = 6
 
 
-class ActionMetrics:
-    """Token-weighted loss, action-token accuracy and action L1, overall and per dataset, accumulated on device.
+class PerDatasetSums:
+    """Sums and counts per logging window, overall and per dataset, accumulated on the device without syncs.
 
-    Row 0 of the `[1 + D, 6]` float64 accumulator is the overall figure, row `1 + i` dataset `dataset_names[i]`
+    Row 0 of the `[1 + D, C]` float64 accumulator is the overall figure, row `1 + i` dataset `dataset_names[i]`
     (the mixture's names: a fixed list, the same on every rank, so the packed layout matches across ranks).
-    `num_patches` is P, the vision tokens spliced after BOS; `prefix` names the overall metrics.
+    Subclasses name the C columns and `summarize` them; `prefix` names the overall metrics.
     """
 
-    def __init__(self, action_tokenizer: ActionTokenizer, dataset_names: Sequence[str], num_patches: int,
-                 device: torch.device | str = "cpu", prefix: str = "VLA Train") -> None:
-        self.device, self.num_patches = torch.device(device), num_patches
-        self.prefix = prefix
+    def __init__(self, dataset_names: Sequence[str], num_columns: int, device: torch.device | str = "cpu",
+                 prefix: str = "VLA Train") -> None:
+        self.device, self.prefix = torch.device(device), prefix
         self.dataset_names = list(dataset_names)
         self._row = {name: i + 1 for i, name in enumerate(self.dataset_names)}
-        self.action_token_begin_idx = action_tokenizer.action_token_begin_idx
-        self.vocab_end = action_tokenizer.vocab_end
-        self._centers = torch.as_tensor(action_tokenizer.bin_centers, dtype=torch.float64, device=self.device)
-        self._sums = torch.zeros(1 + len(self.dataset_names), _NUM_COLUMNS, dtype=torch.float64, device=self.device)
+        self._sums = torch.zeros(1 + len(self.dataset_names), num_columns, dtype=torch.float64, device=self.device)
 
     def _dataset_rows(self, dataset_names: Sequence[bytes | str], device: torch.device) -> torch.Tensor:
         rows = []
@@ -95,6 +91,51 @@ class ActionMetrics:
         if device.type == "cuda":  # pinned + non_blocking: a host->device copy that never waits for the GPU
             rows_cpu = rows_cpu.pin_memory()
         return rows_cpu.to(device, non_blocking=True)
+
+    def _add_samples(self, per_sample: torch.Tensor, dataset_names: Sequence[bytes | str] | None) -> None:
+        """Add `per_sample [B, C]` float64 to the overall row and, given the B dataset names, to their rows."""
+        device = per_sample.device
+        if self._sums.device != device:
+            self._sums, self.device = self._sums.to(device), device
+        self._sums[0] += per_sample.sum(dim=0)
+        if dataset_names is not None and len(dataset_names) > 0 and self.dataset_names:
+            if len(dataset_names) != per_sample.shape[0]:
+                raise ValueError(f"Got {len(dataset_names)} dataset names for a batch of {per_sample.shape[0]}.")
+            self._sums.index_add_(0, self._dataset_rows(dataset_names, device), per_sample)
+
+    def _windows(self, totals: list[float]) -> Iterator[tuple[str, list[float]]]:
+        """`(metric prefix, column sums)` of the overall row and of each dataset seen in the window (a dataset's
+        last column must count its samples)."""
+        columns = self._sums.shape[1]
+        for row, name in enumerate([self.prefix, *self.dataset_names]):
+            sums = totals[row * columns:(row + 1) * columns]
+            if row == 0 or sums[-1] > 0:  # a dataset not seen in this window: log nothing for it
+                yield name, sums
+
+    def pack(self, device: torch.device) -> torch.Tensor:
+        return self._sums.flatten().to(device)
+
+    def reset(self) -> None:
+        self._sums.zero_()
+
+    def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Window means across ranks, then reset. Collective: call on every rank."""
+        return reduce_metrics(self, group=group)
+
+
+class ActionMetrics(PerDatasetSums):
+    """Token-weighted loss, action-token accuracy and action L1, overall and per dataset (`PerDatasetSums`).
+
+    `num_patches` is P, the vision tokens spliced after BOS.
+    """
+
+    def __init__(self, action_tokenizer: ActionTokenizer, dataset_names: Sequence[str], num_patches: int,
+                 device: torch.device | str = "cpu", prefix: str = "VLA Train") -> None:
+        super().__init__(dataset_names, _NUM_COLUMNS, device, prefix)
+        self.num_patches = num_patches
+        self.action_token_begin_idx = action_tokenizer.action_token_begin_idx
+        self.vocab_end = action_tokenizer.vocab_end
+        self._centers = torch.as_tensor(action_tokenizer.bin_centers, dtype=torch.float64, device=self.device)
 
     def _decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids `[...]` -> bin-centre actions `[...]` (float64), the ActionTokenizer's decoding as a gather."""
@@ -154,36 +195,17 @@ class ActionMetrics:
         per_sample = torch.zeros(batch, _NUM_COLUMNS, dtype=torch.float64, device=device)
         per_sample[:, _SAMPLES] = 1.0
         per_sample.index_add_(0, rows.to(device), per_token)  # [B, 6]
-        if self._sums.device != device:
-            self._sums, self.device = self._sums.to(device), device
-        self._sums[0] += per_sample.sum(dim=0)
-        if dataset_names is not None and len(dataset_names) > 0 and self.dataset_names:
-            if len(dataset_names) != batch:
-                raise ValueError(f"Got {len(dataset_names)} dataset names for a batch of {batch}.")
-            self._sums.index_add_(0, self._dataset_rows(dataset_names, device), per_sample)
-
-    def pack(self, device: torch.device) -> torch.Tensor:
-        return self._sums.flatten().to(device)
+        self._add_samples(per_sample, dataset_names)
 
     def summarize(self, totals: list[float], world_size: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        for row, name in enumerate([self.prefix, *self.dataset_names]):
-            sums = totals[row * _NUM_COLUMNS:(row + 1) * _NUM_COLUMNS]
-            if row > 0 and sums[_SAMPLES] == 0:  # dataset not seen in this window: log nothing for it
-                continue
+        for name, sums in self._windows(totals):
             if sums[_LOSS_TOKENS] > 0:
                 metrics[f"{name}/Loss"] = sums[_LOSS_SUM] / sums[_LOSS_TOKENS]
             if sums[_ACTION_TOKENS] > 0:
                 metrics[f"{name}/Action Token Accuracy"] = sums[_CORRECT] / sums[_ACTION_TOKENS]
                 metrics[f"{name}/L1 Loss"] = sums[_L1_SUM] / sums[_ACTION_TOKENS]
         return metrics
-
-    def reset(self) -> None:
-        self._sums.zero_()
-
-    def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
-        """Window means across ranks, then reset. Collective: call on every rank."""
-        return reduce_metrics(self, group=group)
 
 
 # === Throughput ===
