@@ -85,14 +85,10 @@ OFT_MODEL_ID = "tiny-dinosiglip+tiny-llama"  # its vision backbone reads 64 px i
 
 
 def _load_eval_script():
-    import importlib.util
-    from pathlib import Path
+    """`vla-scripts/eval_sim.py`'s implementation (the script runs `vla_train.sim.run_eval.main`)."""
+    from vla_train.sim import run_eval
 
-    path = Path(__file__).resolve().parents[2] / "vla-scripts" / "eval_sim.py"
-    spec = importlib.util.spec_from_file_location("eval_sim", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return run_eval
 
 
 def _stats(dim: int) -> dict:
@@ -143,3 +139,21 @@ def test_success_marker_colours_the_last_frames_only():
     assert marked[-1][0, 0].tolist() == [0, 200, 0] and marked[-1][SIZE // 2, SIZE // 2].tolist() == [0, 0, 0]
     assert not marked[1].any() and not frames[-1].any()  # earlier frames and the inputs untouched
     assert mark_frames(frames, success=False)[-1][0, 0].tolist() == [220, 0, 0]
+
+
+def test_eval_sim_runs_an_openvla_policy_one_action_per_step(tmp_path):
+    """The discrete-token OpenVLA policy in closed loop: one action per call, re-planned every step."""
+    from vla_train.config.model import get_model_config
+    from vla_train.export.compat import write_tiny_vla_run
+
+    stats = {"metaworld_reach_v3": {"action": _stats(4)}}
+    run_dir = write_tiny_vla_run(get_model_config(OFT_MODEL_ID), tmp_path / "openvla_run", norm_stats=stats)
+    script = _load_eval_script()
+    results = script.run_eval(script.EvalSimConfig(run_dir=run_dir, step=2, tasks=["reach-v3"], episodes=1,
+                                                   workers=1, max_steps=3, videos_per_task=0))
+    entry = results["tasks"]["reach-v3"]
+    assert results["policy"] == "openvla" and results["chunk_length"] == 1 and results["open_loop_steps"] == 1
+    assert entry["lengths"] == [3] and entry["policy_calls"] == [3] and entry["videos"] == []
+    assert (run_dir / "eval" / "2" / "results.json").is_file()
+    with pytest.raises(ValueError, match=r"--open_loop_steps 2 must be in \[1, 1\]"):
+        script.run_eval(script.EvalSimConfig(run_dir=run_dir, tasks=["reach-v3"], open_loop_steps=2))

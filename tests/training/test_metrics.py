@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 import re
+import sys
 import tempfile
 from datetime import timedelta
 
@@ -408,3 +409,31 @@ def test_progress_bar_rank_zero_only(capsys):
     silent.update(1, {"VLA Train/Loss": 0.5})
     silent.close()
     assert silent._bar is None
+
+
+def test_wandb_logs_late_closed_loop_results_on_their_own_axis(tmp_path, monkeypatch):
+    """Closed-loop results of step 10 arrive after step 30 was logged: W&B (whose steps may not decrease) gets them
+    at step 30 with `Sim/Step` = 10, the x-axis defined for `Sim/*`."""
+    import types
+
+    calls = []
+
+    class FakeRun:
+        config = types.SimpleNamespace(update=lambda *args, **kwargs: None)
+
+        def define_metric(self, name, **kwargs):
+            calls.append(("define", name, kwargs))
+
+        def log(self, metrics, step):
+            calls.append(("log", step, dict(metrics)))
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: FakeRun()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (tracker,) = make_trackers(["wandb"], "r", tmp_path, {}, is_main=True)
+    tracker.write(30, {"VLA Train/Loss": 1.0})
+    tracker.write(10, {"Sim/reach-v3 Success": 0.5, "Sim/Step": 10})
+    tracker.write(40, {"VLA Train/Loss": 0.5})
+    assert ("define", "Sim/*", {"step_metric": "Sim/Step"}) in calls
+    logs = [(step, metrics) for kind, step, metrics in calls if kind == "log"]
+    assert logs == [(30, {"VLA Train/Loss": 1.0}), (30, {"Sim/reach-v3 Success": 0.5, "Sim/Step": 10}),
+                    (40, {"VLA Train/Loss": 0.5})]

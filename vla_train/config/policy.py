@@ -35,6 +35,10 @@ class PolicyConfig(draccus.ChoiceRegistry):
     def validate(self) -> None:
         """Raise a ValueError naming the bad option and the fix (called with the rest of the config)."""
 
+    def camera_roles(self) -> list[str]:
+        """The camera roles the policy reads, in order (one `primary` image by default)."""
+        return ["primary"]
+
     @property
     def family(self) -> str:
         """The registry name (`--vla.policy.type`)."""
@@ -85,6 +89,9 @@ class OFTPolicyConfig(PolicyConfig):
                                proprio_dim=self.proprio_dim or None, head=self.head,
                                head_hidden_dim=self.head_hidden_dim, film=self.film,
                                num_diffusion_steps_inference=self.num_diffusion_steps_inference)
+
+    def camera_roles(self) -> list[str]:
+        return list(self.cameras)
 
     def validate(self) -> None:
         if self.head not in OFT_HEADS:

@@ -23,6 +23,7 @@ import draccus
 import yaml
 
 from vla_train.atomic_io import atomic_write_text
+from vla_train.config.sim_eval import SimEvalConfig, validate_sim_eval
 from vla_train.config.vla import Exp_DinoSigLIP_224px_OXE_Magic_Soup_Plus, VLAConfig
 
 TRACKERS = ("jsonl", "wandb")
@@ -82,6 +83,10 @@ class TrainConfig:
     # model): "end" (the run's last save: end of training or stop_after_steps; not a signal stop), "every" save, or
     # "never". Export, --resume and --pretrained_checkpoint consolidate a checkpoint without one on demand.
     save_consolidated: str = "end"
+    # Closed-loop evaluation in MetaWorld every N steps and at the end (None: off): rank 0 evaluates the committed
+    # checkpoint in a background process, logged as `Sim/<task> Success` (vla_train/training/closed_loop.py)
+    eval_interval: int | None = None
+    sim_eval: SimEvalConfig = field(default_factory=SimEvalConfig)  # its tasks, episodes, workers, device, ...
 
 
 def resolve_run_id(cfg: TrainConfig, world_size: int | None = None) -> str:
@@ -169,6 +174,11 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
     for name in ("save_interval", "log_interval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} = {getattr(cfg, name)} must be positive. Fix: pass --{name} >= 1.")
+    if cfg.eval_interval is not None:
+        if cfg.eval_interval < 1:
+            raise ValueError(f"eval_interval = {cfg.eval_interval} must be >= 1. Fix: pass --eval_interval N (steps "
+                             "between closed-loop evaluations), or omit it (null) for none.")
+        validate_sim_eval(cfg.sim_eval, "--sim_eval.")
     if cfg.stop_after_steps is not None and cfg.stop_after_steps < 1:
         raise ValueError(f"stop_after_steps = {cfg.stop_after_steps} must be >= 1 (or null to train to the end).")
     if cfg.signal_save_budget_s is not None and not (math.isfinite(cfg.signal_save_budget_s)

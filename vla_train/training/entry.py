@@ -25,13 +25,14 @@ def train(cfg: TrainConfig, evaluate: bool = True) -> RunSummary:
         trainer = Trainer(session)
         try:
             result = trainer.run()
+            held_out = evaluate_held_out(session) if evaluate and not result.stopped_by_signal else {}
+            summary = RunSummary(str(session.run_dir), result, held_out)
+            if session.ctx.is_main:
+                _print_summary(summary)
+            barrier()  # the last collective: rank 0 then waits for its closed-loop evaluations alone
+            trainer.finish(result)
         finally:
             trainer.finalize()
-        held_out = evaluate_held_out(session) if evaluate and not result.stopped_by_signal else {}
-        summary = RunSummary(str(session.run_dir), result, held_out)
-        if session.ctx.is_main:
-            _print_summary(summary)
-        barrier()
         return summary
     finally:
         if session is not None:

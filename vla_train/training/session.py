@@ -23,6 +23,7 @@ from vla_train.models.vlm import PrismaticVLM
 from vla_train.policies.base import Policy
 from vla_train.training.checkpoint import CheckpointManager
 from vla_train.training.checkpoint_state import training_states
+from vla_train.training.closed_loop import check_closed_loop_eval
 from vla_train.training.distributed import DistributedContext, init_distributed, run_on_every_rank
 from vla_train.training.loading import (
     ModelSource,
@@ -123,6 +124,11 @@ def _build(cfg: TrainConfig, ctx: DistributedContext, run_id: str, plan: RunPlan
     policy = cfg.vla.policy.build()
     dataset = build_dataset(cfg, ctx, vlm, policy)
     policy.check_data(dataset.dataset_statistics)
+    if cfg.eval_interval is not None:  # the renderer is probed on rank 0 only (it runs the evaluations)
+        names = [spec.name for spec in dataset.plan.specs]
+        run_on_every_rank(lambda: check_closed_loop_eval(cfg.sim_eval, names, cfg.vla.policy.camera_roles(),
+                                                         probe_rendering=ctx.is_main),
+                          "checking the closed-loop evaluation (--eval_interval)")
     # rank-0-only side effect: the run directory's config and statistics files (a failure raises on every rank)
     run_on_every_rank(lambda: write_run_files(cfg, plan, dataset.dataset_statistics) if ctx.is_main else None,
                       f"writing the run files of {plan.run_dir}")

@@ -24,6 +24,9 @@ from vla_train.log import logger
 from vla_train.training.checkpoint_io import utc_stamp
 from vla_train.training.distributed import is_rank_zero
 
+SIM_PREFIX = "Sim/"  # closed-loop evaluation metrics (vla_train/training/closed_loop.py) ...
+SIM_STEP_KEY = "Sim/Step"  # ... and their x-axis: the evaluated checkpoint's step
+
 # === Trackers (rank 0 only) ===
 
 
@@ -118,12 +121,19 @@ class WandBTracker:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(name=run_id, dir=str(run_dir), config=hparams, project=project, entity=entity,
                               group=group, id=wandb_run_id(run_dir), resume="allow", mode=wandb_mode())
+        # closed-loop results arrive after later training steps were logged: they get their own x-axis
+        self.run.define_metric(SIM_STEP_KEY)
+        self.run.define_metric(f"{SIM_PREFIX}*", step_metric=SIM_STEP_KEY)
+        self._last_step = -1
 
     def write_hyperparameters(self, hparams: dict) -> None:
         self.run.config.update(hparams, allow_val_change=True)
 
     def write(self, global_step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=global_step)
+        """W&B drops a step lower than one already logged: metrics of an earlier step (closed-loop evaluation
+        results, which carry their step as `Sim/Step`) are logged at the latest step."""
+        self._last_step = max(self._last_step, global_step)
+        self.run.log(metrics, step=self._last_step)
 
     def finalize(self) -> None:
         self.run.finish()

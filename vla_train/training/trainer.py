@@ -26,9 +26,11 @@ import torch.distributed as dist
 from vla_train.data.prefetch import DEVICE_INPUTS
 from vla_train.log import logger
 from vla_train.training.checkpoint_state import TRAIN_STATE, DictState, training_states
+from vla_train.training.closed_loop import ClosedLoopEvaluator, sim_metrics
 from vla_train.training.distributed import DistributedContext, all_reduce
 from vla_train.training.flops import flops_model_for_vlm, resolve_peak_flops
 from vla_train.training.metrics import ProgressBar, ThroughputMeter, reduce_metrics
+from vla_train.training.plots import plot_run
 from vla_train.training.trackers import make_trackers
 
 if TYPE_CHECKING:  # the session builds the data pipeline: not needed to import the loop
@@ -180,6 +182,9 @@ class Trainer:
             peak_flops_per_device=resolve_peak_flops(session.ctx.device, cfg.peak_device_tflops))
         self.progress = ProgressBar(session.total_steps, session.start_step, session.ctx.is_main)
         self.signal = StopSignal(cfg.signal_save_budget_s)
+        self.closed_loop = None if cfg.eval_interval is None else ClosedLoopEvaluator(
+            cfg.sim_eval, cfg.eval_interval, session.run_dir, cfg.sim_eval.device or str(session.ctx.device),
+            session.ctx.is_main)
 
     def _count(self, batch: dict[str, Any], inputs: dict[str, Any], output: "PolicyOutput") -> None:
         """Metrics and throughput of one micro-batch, accumulated on the device (no sync)."""
@@ -217,10 +222,16 @@ class Trainer:
                 stop = self.signal.decide()
                 paused = cfg.stop_after_steps is not None and step - s.start_step >= cfg.stop_after_steps
                 last = step >= s.total_steps or stop.stop or paused
+                evaluate = self.closed_loop is not None and self.closed_loop.due(step, s.total_steps) \
+                    and not stop.stop
                 if step % cfg.log_interval == 0 or last:
                     result.record(self._log(step, epoch, grad_norm))
-                if (step % cfg.save_interval == 0 or last) and (stop.save or not stop.stop):
+                if (step % cfg.save_interval == 0 or last or evaluate) and (stop.save or not stop.stop):
                     self._save(step, epoch, result, final=last, signal_stop=stop.stop)
+                if evaluate:
+                    s.checkpoints.wait()  # collective: the evaluated checkpoint is committed before it is read
+                    self.closed_loop.launch(step)
+                self._log_closed_loop(self.closed_loop.poll() if self.closed_loop is not None else [])
                 if stop.stop or paused:
                     result.stopped_by_signal = stop.stop
                     self._report_stop(step, stop)
@@ -269,7 +280,38 @@ class Trainer:
         self.progress.update(step, metrics)
         return metrics
 
+    def _log_closed_loop(self, finished: list[tuple[int, dict[str, Any]]]) -> None:
+        """Rank 0: write finished closed-loop evaluations as metrics of their steps (`Sim/<task> Success`)."""
+        for step, results in finished:
+            for tracker in self.trackers:
+                tracker.write(step, sim_metrics(step, results))
+
+    def finish(self, result: TrainResult) -> None:
+        """Rank 0, after the ranks' last collective (the others may have exited): wait for the closed-loop
+        evaluations and log them, then plot the run (`plots/*.png`). Nothing here may fail a finished run. After a
+        stop signal nothing waits (`finalize` terminates a running evaluation)."""
+        if not self.s.ctx.is_main or result.stopped_by_signal:
+            return
+        if self.closed_loop is not None:
+            finished = self.closed_loop.wait()
+            self._log_closed_loop(finished)
+            if finished:
+                from vla_train.sim.evaluate import results_table
+
+                step, results = finished[-1]
+                logger.info("Closed-loop evaluation of step %d:\n%s", step, results_table(results))
+        try:
+            written = plot_run(self.s.run_dir)
+            logger.info("Plots: %s", ", ".join(str(path) for path in written) or "none (no metrics yet)")
+        except Exception as error:  # a plotting problem must not fail a run whose checkpoints are saved
+            logger.warning("Could not plot the run (%s: %s); try vla-scripts/plot_run.py --run_dir %s.",
+                           type(error).__name__, error, self.s.run_dir)
+
     def finalize(self) -> None:
+        """Every rank, always: end this rank's background checkpoint write and any closed-loop evaluation still
+        running (a failed or stopped run), close the trackers."""
         self.s.checkpoints.close()  # after a failure: this rank's background write ends before the process does
+        if self.closed_loop is not None:
+            self.closed_loop.close()
         for tracker in self.trackers:
             tracker.finalize()
