@@ -7,7 +7,10 @@ tasks without importing the simulator).
 
 from dataclasses import dataclass, field
 
-SIM_MAX_EPISODE_STEPS = 500  # MetaWorld's max_path_length (vla_train.sim.metaworld_env.MAX_EPISODE_STEPS)
+# MetaWorld's sizes, here so that configs (recipes) name them without importing the simulator package
+SIM_MAX_EPISODE_STEPS = 500  # max_path_length (vla_train.sim.metaworld_env.MAX_EPISODE_STEPS)
+SIM_ACTION_DIM = 4  # dx, dy, dz, gripper
+SIM_PROPRIO_DIM = 4  # end-effector xyz, gripper opening
 
 
 @dataclass

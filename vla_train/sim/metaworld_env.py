@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vla_train.config.sim_eval import SIM_MAX_EPISODE_STEPS
+from vla_train.config.sim_eval import SIM_ACTION_DIM, SIM_MAX_EPISODE_STEPS, SIM_PROPRIO_DIM
 from vla_train.sim.render import configure_rendering, make_renderer
 
 # Every MetaWorld v3 task (metaworld.env_dict.ALL_V3_ENVIRONMENTS, in its order); kept here so that names can be
@@ -70,8 +70,8 @@ INSTRUCTIONS = {
 PRIMARY_CAMERA = "corner"
 WRIST_CAMERA = "gripperPOV"
 PROPRIO_SLICE = slice(0, 4)  # of MetaWorld's 39-D observation: hand xyz (m), gripper opening [0, 1]
-PROPRIO_DIM = 4
-ACTION_DIM = 4
+PROPRIO_DIM = SIM_PROPRIO_DIM
+ACTION_DIM = SIM_ACTION_DIM
 MAX_EPISODE_STEPS = SIM_MAX_EPISODE_STEPS  # MetaWorld's max_path_length
 DEMO_SEEDS = range(0, 10_000)  # demonstrations draw their seeds here ...
 EVAL_SEED_START = 10_000  # ... and evaluation from here on: never a demonstrated initial state
