@@ -1,7 +1,8 @@
 """PNG plots of a run: loss, action L1 / token accuracy, learning rate, closed-loop success rate vs step.
 
-Writes `<run_dir>/plots/{loss,l1,accuracy,learning_rate,success}.png` (those with data; `vla_train/training/plots.py`)
-from the run's metrics jsonl and its `eval/<step>/results.json` files. Training writes them at its end too.
+Reads the run's metrics jsonl and its `eval/<step>/results.json` files and writes
+`<run_dir>/plots/{loss,l1,accuracy,learning_rate,success}.png` (those with data; `vla_train/training/plots.py`).
+Training writes them at its end too.
 
 Usage: python vla-scripts/plot_run.py --run_dir runs/<run> [--out_dir <dir>]
 """

@@ -37,7 +37,8 @@ COMMON = dict(shuffle_buffer_size=256_000, epochs=1000, max_steps=None, learning
 
 def test_registry_holds_reference_and_tiny_entries():
     assert set(VLAConfig.get_known_choices()) == {*REFERENCE, "tiny-demo", "tiny-test", *OFT_RECIPES,
-                                                  "tiny-oft-l1", "tiny-oft-diffusion", "tiny-oft-demo"}
+                                                  "tiny-oft-l1", "tiny-oft-diffusion", "tiny-oft-demo",
+                                                  "metaworld-oft-tiny", "metaworld-oft-tiny-b7"}
 
 
 OFT_RECIPES = {"oft-libero-spatial": "libero_spatial_no_noops", "oft-libero-object": "libero_object_no_noops",

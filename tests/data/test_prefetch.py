@@ -184,21 +184,25 @@ def test_the_queue_is_bounded_and_close_stops_the_thread():
     depth, batch_size, consumed, violations = 2, 4, [0], []
 
     def check(pulled: int) -> None:  # runs in the producer: delivered + queued + the one being put, no more
-        if pulled > (consumed[0] + depth + 1) * batch_size:
+        # `consumed` is counted by this thread after `next` returns, so it may lag the delivered batches by one
+        if pulled > (consumed[0] + 1 + depth + 1) * batch_size:
             violations.append(pulled)
 
     source = _Counter(check=check)
     stream = _prefetcher(source, depth=depth, batch_size=batch_size)
-    for _ in range(6):
-        next(stream)
-        consumed[0] += 1
-    bound = (consumed[0] + depth + 1) * batch_size
-    deadline = time.monotonic() + 60
-    while source.pulled[0] < bound and time.monotonic() < deadline:  # wait for the producer to fill the queue
-        time.sleep(0.01)
-    assert source.pulled[0] == bound and not violations
-    assert len(_prefetch_threads()) == 1
-    stream.close()
+    try:
+        for _ in range(6):
+            next(stream)
+            consumed[0] += 1
+        bound = (consumed[0] + depth + 1) * batch_size
+        deadline = time.monotonic() + 60
+        while source.pulled[0] < bound and time.monotonic() < deadline:  # wait for the producer to fill the queue
+            time.sleep(0.01)
+        time.sleep(0.2)  # a producer that ignored the bound would pull more now
+        assert source.pulled[0] == bound and not violations
+        assert len(_prefetch_threads()) == 1
+    finally:
+        stream.close()  # a failed assertion must not leave the thread to the next test
     assert not _prefetch_threads()
     assert _ids([next(stream)]) == [[24, 25, 26, 27]]  # iterating again restarts at the consumed position
     stream.close()

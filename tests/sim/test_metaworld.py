@@ -154,3 +154,17 @@ def test_the_pipeline_reads_the_demos(demos):
         assert frame["observation"]["proprio"].shape == (1, 4)
         assert frame["action"].shape == (1, 4) and 0.0 <= frame["action"][0, 3] <= 1.0  # gripper: not normalized
     assert plan.statistics["metaworld_reach_v3"]["action"]["mask"] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("vla_id", ["metaworld-oft-tiny", "metaworld-oft-tiny-b7"])
+def test_metaworld_recipes_act_in_the_simulator(vla_id):
+    """The benchmark recipes' policies have MetaWorld's action and proprio sizes and read rendered cameras only; their
+    mixtures are the ones make_sim_data.py names (`metaworld_<name>`)."""
+    from vla_train.config.vla import VLAConfig
+    from vla_train.sim.metaworld_env import ACTION_DIM, PROPRIO_DIM
+    from vla_train.sim.policy_runner import CAMERA_FIELDS
+
+    cfg = VLAConfig.get_choice_class(vla_id)()
+    cfg.validate(cfg.expected_world_size)
+    assert cfg.policy.action_dim == ACTION_DIM and cfg.policy.proprio_dim == PROPRIO_DIM
+    assert set(cfg.policy.camera_roles()) <= set(CAMERA_FIELDS) and cfg.data_mix.startswith("metaworld_")

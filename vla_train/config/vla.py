@@ -330,4 +330,5 @@ def get_vla_config(vla_id: str) -> VLAConfig:
     return VLAConfig.get_choice_class(vla_id)()
 
 
-from vla_train.config import vla_oft  # noqa: E402, F401  (registers the OpenVLA-OFT recipes)
+# registers the OpenVLA-OFT and MetaWorld recipes
+from vla_train.config import vla_oft, vla_sim  # noqa: E402, F401
