@@ -31,7 +31,7 @@ import draccus
 import numpy as np
 
 from vla_train.sim.demos import dataset_name
-from vla_train.sim.evaluate import PolicyFn, eval_seeds, evaluate_policy, wilson_interval
+from vla_train.sim.evaluate import PolicyFn, eval_seeds, evaluate_policy, summarize_outcomes
 from vla_train.sim.metaworld_env import ACTION_DIM, MetaWorldEnv, check_tasks
 
 
@@ -69,11 +69,10 @@ def expert_episode(job: tuple[str, int, int, int]) -> tuple[str, int, bool, int]
 
 
 def summarize(successes: Sequence[bool], lengths: Sequence[int]) -> dict[str, Any]:
-    """k/n, rate, 95 % Wilson interval and mean length of one task's episodes (the keys of `evaluate_policy`)."""
-    k, n = int(sum(successes)), len(successes)
-    return {"episodes": n, "successes": k, "success_rate": k / max(1, n), "ci95": list(wilson_interval(k, n)),
-            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "lengths": list(lengths),
-            "success_flags": list(successes)}
+    """k/n, rate, 95 % Wilson interval and mean length of one task's episodes (`evaluate.summarize_outcomes`), with
+    the lengths and success flags."""
+    outcomes = [{"success": bool(s), "length": int(n)} for s, n in zip(successes, lengths, strict=True)]
+    return {**summarize_outcomes(outcomes), "lengths": list(lengths), "success_flags": list(successes)}
 
 
 def expert_baseline(tasks: list[str], episodes: int, seed: int, *, workers: int, image_size: int,

@@ -213,7 +213,8 @@ def write_video(frames: list[np.ndarray], path: Path, success: bool, fps: int = 
     return path
 
 
-def _summary(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_outcomes(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Episodes, successes, success rate, 95 % Wilson interval and mean length of `{success, length}` outcomes."""
     successes = sum(o["success"] for o in outcomes)
     low, high = wilson_interval(successes, len(outcomes))
     return {"episodes": len(outcomes), "successes": successes,
@@ -254,13 +255,13 @@ def evaluate_policy(policy_fn: PolicyFn, tasks: Sequence[str], episodes: int, se
     per_task = {}
     for task in tasks:
         ordered = [outcomes[task][i] for i in range(episodes)]
-        per_task[task] = {**_summary(ordered), "seeds": [o["seed"] for o in ordered],
+        per_task[task] = {**summarize_outcomes(ordered), "seeds": [o["seed"] for o in ordered],
                           "lengths": [o["length"] for o in ordered],
                           "success_flags": [o["success"] for o in ordered],
                           "policy_calls": [o["policy_calls"] for o in ordered],
                           "videos": [o["video"] for o in ordered if "video" in o]}
     everything = [outcomes[task][i] for task in tasks for i in range(episodes)]
-    return {"tasks": per_task, "overall": _summary(everything), "episodes_per_s": len(everything) / seconds,
+    return {"tasks": per_task, "overall": summarize_outcomes(everything), "episodes_per_s": len(everything) / seconds,
             "seconds": seconds, "seed": seed, "episodes_per_task": episodes, "max_steps": max_steps,
             "open_loop_steps": open_loop_steps, "image_size": image_size, "workers": pool_size(workers, len(jobs))}
 

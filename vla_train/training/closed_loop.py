@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from vla_train.config.sim_eval import SimEvalConfig
+from vla_train.config.sim_eval import SimEvalConfig, validate_sim_eval
 from vla_train.log import logger
 from vla_train.sim.demos import dataset_name
 from vla_train.sim.run_eval import RESULTS_FILE, eval_dir
@@ -65,8 +65,6 @@ def check_closed_loop_eval(cfg: SimEvalConfig, dataset_names: list[str], cameras
     """Before training: every evaluated task's dataset is in the mixture (its statistics un-normalize the actions),
     the policy reads only cameras the simulator renders, the `sim` extra is installed and (`probe_rendering`, rank
     0) an offscreen renderer works. Raises ValueError / RenderingError naming the fix."""
-    from vla_train.config.sim_eval import validate_sim_eval
-
     tasks = validate_sim_eval(cfg, "--sim_eval.")
     missing = [f"{task} ({dataset_name(task)})" for task in tasks if dataset_name(task) not in dataset_names]
     if missing:
