@@ -3,7 +3,9 @@
 Usage: python vla-scripts/import_hf.py --hf_dir <hf_dir> --out_dir runs/<name>
 then:  python vla-scripts/train.py ... --pretrained_checkpoint runs/<name>/checkpoints/<...>.pt --is_resume false
 An OpenVLA-OFT checkpoint directory (with action_head--<step>_checkpoint.pt) imports as an `oft` policy run:
-add --chunk_length 8 --cameras '[primary, wrist]' (what no weight records; OFT's LIBERO values).
+add --chunk_length 8 --cameras '[primary, wrist]' (what no weight records; OFT's LIBERO values). A VLA-Adapter
+checkpoint directory (merged model with action_queries.weight, plus action_head--<step>_checkpoint.pt) imports as a
+`vla-adapter` policy run with the same two options (its LIBERO / CALVIN values are the same).
 """
 
 import vla_train  # noqa: F401  (fixes the torch/torchvision/timm-before-tensorflow import order)

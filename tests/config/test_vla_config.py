@@ -38,7 +38,8 @@ COMMON = dict(shuffle_buffer_size=256_000, epochs=1000, max_steps=None, learning
 def test_registry_holds_reference_and_tiny_entries():
     assert set(VLAConfig.get_known_choices()) == {*REFERENCE, "tiny-demo", "tiny-test", *OFT_RECIPES,
                                                   "tiny-oft-l1", "tiny-oft-diffusion", "tiny-oft-demo",
-                                                  "metaworld-oft-tiny", "metaworld-oft-tiny-b7"}
+                                                  "metaworld-oft-tiny", "metaworld-oft-tiny-b7", *VLA_ADAPTER_RECIPES,
+                                                  "tiny-vla-adapter"}
 
 
 OFT_RECIPES = {"oft-libero-spatial": "libero_spatial_no_noops", "oft-libero-object": "libero_object_no_noops",
@@ -57,6 +58,40 @@ def test_oft_recipes_carry_ofts_hyperparameters(vla_id):
     assert (cfg.max_steps, cfg.lr_decay_steps) == ((100_000, 50_000) if aloha else (150_000, 100_000))
     assert (cfg.policy.chunk_length, cfg.policy.action_dim, cfg.policy.proprio_dim, cfg.policy.film,
             len(cfg.policy.cameras)) == ((25, 14, 14, True, 3) if aloha else (8, 7, 8, False, 2))
+
+
+VLA_ADAPTER_RECIPES = {"vla-adapter-libero-spatial": "libero_spatial_no_noops",
+                       "vla-adapter-libero-object": "libero_object_no_noops",
+                       "vla-adapter-libero-goal": "libero_goal_no_noops", "vla-adapter-libero-10": "libero_10_no_noops",
+                       "vla-adapter-calvin": "calvin_abc"}
+
+
+@pytest.mark.parametrize("vla_id", sorted(VLA_ADAPTER_RECIPES))
+def test_vla_adapter_recipes_carry_its_hyperparameters(vla_id):
+    cfg = get_vla_config(vla_id)
+    cfg.validate(4)
+    assert cfg.data_mix == VLA_ADAPTER_RECIPES[vla_id] and cfg.policy.family == "vla-adapter"
+    assert cfg.base_vlm == "prism-qwen25-extra-dinosiglip-224px+0_5b"
+    assert (cfg.learning_rate, cfg.expected_world_size, cfg.per_device_batch_size, cfg.global_batch_size,
+            cfg.max_steps) == (5e-4, 4, 16, 64, 100_000)
+    assert (cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets) == (True, 64, 128, "all-linear")
+    policy = cfg.policy
+    assert (policy.chunk_length, policy.action_dim, policy.proprio_dim, policy.cameras, policy.num_action_queries,
+            policy.block, policy.num_heads) == (8, 7, 8, ["primary", "wrist"], 64, "pro", 8)
+
+
+def test_vla_adapter_policy_options_are_validated():
+    args = with_recipe_policy(["--vla.type", "tiny-vla-adapter", "--vla.policy.block", "original"])
+    policy = draccus.parse(TrainConfig, args=args).vla.policy
+    assert (policy.family, policy.block, policy.num_action_queries, policy.proprio_dim) == ("vla-adapter", "original",
+                                                                                             16, 9)
+    cfg = get_vla_config("tiny-vla-adapter")
+    cfg.policy.block = "fancy"
+    with pytest.raises(ValueError, match="--vla.policy.block 'fancy'"):
+        cfg.validate(2)
+    cfg.policy.block, cfg.policy.num_action_queries = "pro", 0
+    with pytest.raises(ValueError, match="num_action_queries = 0 must be an integer >= 1"):
+        cfg.validate(2)
 
 
 def test_policy_options_on_the_command_line_keep_the_recipes_other_options():

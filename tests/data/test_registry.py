@@ -114,7 +114,7 @@ def test_oxe_example_entries(oxe):
 
     for name in LIBERO:
         assert oxe[name].image_obs_keys == {"primary": "image", "secondary": None, "wrist": "wrist_image"}
-        assert oxe[name].state_obs_keys == ("EEF_state", None, "gripper_state")
+        assert oxe[name].state_obs_keys == ("EEF_state", "gripper_state")  # 8-D proprio, as OFT / VLA-Adapter
         assert (oxe[name].state_encoding, oxe[name].action_encoding) == ("POS_EULER", "EEF_POS")
     for name in TDROID:
         assert oxe[name].image_obs_keys["primary"] == "static_image"
@@ -136,7 +136,8 @@ def test_every_standardize_transform_and_frame_filter_is_registered(shipped):
 
 
 def test_named_mixtures_match_the_reference(shipped):
-    assert set(shipped.mixtures) == {*EXPECTED_MIXTURES, *CONTINUOUS_ONLY_MIXTURES, "demo"}
+    assert set(shipped.mixtures) == {*EXPECTED_MIXTURES, *CONTINUOUS_ONLY_MIXTURES, "demo", "calvin_abc"}
+    assert list(shipped.mixtures["calvin_abc"].entries) == [("calvin_abc", 1.0)]  # VLA-Adapter's CALVIN ABC
     assert len(EXPECTED_MIXTURES) == 18
     for name, expected in {**EXPECTED_MIXTURES, **CONTINUOUS_ONLY_MIXTURES}.items():
         assert list(shipped.mixtures[name].entries) == expected, name

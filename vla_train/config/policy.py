@@ -106,6 +106,52 @@ class OFTPolicyConfig(PolicyConfig):
                              "wrist for LIBERO, primary + left_wrist + right_wrist for ALOHA).")
 
 
+VLA_ADAPTER_BLOCKS = ("pro", "original")
+
+
+@PolicyConfig.register_subclass("vla-adapter")
+@dataclass
+class VLAAdapterPolicyConfig(PolicyConfig):
+    """VLA-Adapter: N learned ActionQuery tokens appended to the prompt; a Bridge-Attention policy (one block per LLM
+    layer) reads every layer's raw features and ActionQuery states, plus a proprio token, and regresses the chunk
+    `[H, A]` with an L1 loss (`vla_train/models/vla_adapter/`)."""
+
+    chunk_length: int = 8  # H: actions per chunk (VLA-Adapter: 8 for LIBERO and CALVIN)
+    action_dim: int = 7  # A: must equal the dataset's action dimension
+    proprio_dim: int = 8  # P: the dataset's proprio dimension; 0 = no proprio token in the policy
+    cameras: list[str] = field(default_factory=lambda: ["primary", "wrist"])  # camera roles, in input order
+    num_action_queries: int = 64  # N: ActionQuery tokens (upstream: 64)
+    block: str = "pro"  # "pro" (VLA-Adapter-Pro's Bridge block, RoPE, upstream default) or "original"
+    num_heads: int = 8  # attention heads of each Bridge block (upstream: 8)
+
+    def build(self) -> "Policy":
+        from vla_train.policies.vla_adapter import VLAAdapterPolicy  # lazy: the model stack imports transformers
+
+        return VLAAdapterPolicy(self)
+
+    def build_model(self, vlm: "nn.Module") -> "nn.Module":
+        from vla_train.models.vla_adapter.model import VLAAdapterVLM  # lazy, as build()
+
+        return VLAAdapterVLM.from_vlm(vlm, action_dim=self.action_dim, chunk_length=self.chunk_length,
+                                      proprio_dim=self.proprio_dim or None, num_action_queries=self.num_action_queries,
+                                      pro=self.block == "pro", num_heads=self.num_heads)
+
+    def camera_roles(self) -> list[str]:
+        return list(self.cameras)
+
+    def validate(self) -> None:
+        if self.block not in VLA_ADAPTER_BLOCKS:
+            raise ValueError(f"--vla.policy.block {self.block!r}: choose one of {list(VLA_ADAPTER_BLOCKS)}.")
+        for name, minimum in (("chunk_length", 1), ("action_dim", 1), ("proprio_dim", 0), ("num_action_queries", 1),
+                              ("num_heads", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"--vla.policy.{name} = {value!r} must be an integer >= {minimum}.")
+        if not 1 <= len(self.cameras) <= 3:
+            raise ValueError(f"--vla.policy.cameras {self.cameras} must name 1 to 3 camera roles (VLA-Adapter LIBERO: "
+                             "primary + wrist).")
+
+
 def default_policy() -> PolicyConfig:
     return OpenVLAPolicyConfig()
 

@@ -331,4 +331,4 @@ def get_vla_config(vla_id: str) -> VLAConfig:
 
 
 # registers the OpenVLA-OFT and MetaWorld recipes
-from vla_train.config import vla_oft, vla_sim  # noqa: E402, F401
+from vla_train.config import vla_adapter, vla_oft, vla_sim  # noqa: E402, F401

@@ -13,6 +13,9 @@ An OpenVLA-OFT run (`vla.policy.type oft`) exports as `OpenVLAOFTConfig` / `Open
 policy entry and its `norm_stats` the proprio statistics; the heads and projectors keep their module names, FiLM'd ViT
 blocks map as `oft_keys` maps them. What the remote code cannot reproduce (another DDIM setting, missing proprio
 statistics, an attention without dense masks, a checkpoint without trained heads) is refused with a ValueError.
+A VLA-Adapter run (`vla-adapter`) exports as VLA-Adapter releases its merged models: the OpenVLA layout plus
+`action_queries.weight`, with `action_head--<step>_checkpoint.pt` and `proprio_projector--...` beside it
+(`export/vla_adapter_files.py`), the directory VLA-Adapter's evaluation code and `import_hf` load.
 The model is assembled on the meta device and filled with the checkpoint's tensors (`assign=True`), so a 7B export
 needs about one copy of the weights in memory and no random initialization.
 """
@@ -28,7 +31,7 @@ from transformers import PretrainedConfig
 
 from vla_train.atomic_io import atomic_write_json
 from vla_train.config.model import ModelConfig
-from vla_train.config.policy import OFTPolicyConfig, read_policy_config
+from vla_train.config.policy import OFTPolicyConfig, VLAAdapterPolicyConfig, read_policy_config
 from vla_train.config.train import checkpoint_step_epoch
 from vla_train.export.hf_remote import OFT_REMOTE_MODULES, REMOTE_MODULES
 from vla_train.export.hf_remote.configuration_oft import SUPPORTED_DDIM, OpenVLAOFTConfig, check_oft_settings
@@ -36,6 +39,7 @@ from vla_train.export.hf_remote.configuration_prismatic import OpenVLAConfig
 from vla_train.export.hf_remote.modeling_prismatic import OpenVLAForActionPrediction, PrismaticPreTrainedModel
 from vla_train.export.hf_remote.processing_prismatic import PrismaticImageProcessor, PrismaticProcessor
 from vla_train.export.keys import MODULE_KEYS, native_to_hf
+from vla_train.export.vla_adapter_files import add_action_queries, step_of, write_vla_adapter_checkpoint
 from vla_train.log import logger
 from vla_train.models.build import build_vlm
 from vla_train.models.llm import PAD_TO_MULTIPLE_OF
@@ -348,9 +352,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = No
         raise FileExistsError(f"{out_dir} exists and is not empty. Fix: pass --overwrite true or another --out_dir.")
     model_cfg = read_model_config(run_dir)
     policy = read_policy_config(run_dir)
-    if policy.family not in ("openvla", "oft"):
-        raise ValueError(f"{run_dir} trains the {policy.family!r} policy; export_hf writes 'openvla' and 'oft' "
-                         "policies only.")
+    if policy.family not in ("openvla", "oft", "vla-adapter"):
+        raise ValueError(f"{run_dir} trains the {policy.family!r} policy; export_hf writes 'openvla', 'oft' and "
+                         "'vla-adapter' policies only.")
     norm_stats = read_norm_stats(run_dir)
     checkpoint = find_checkpoint(run_dir, step)
     if isinstance(policy, OFTPolicyConfig):
@@ -369,6 +373,14 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = No
                 native_to_hf(modules, vlm.vision_backbone.keys).items()}
     with torch.device("meta"):
         model = OpenVLAForActionPrediction(config)
+    if isinstance(policy, VLAAdapterPolicyConfig):  # VLA-Adapter's merged model: the VLM + its ActionQueries
+        hf_state |= add_action_queries(model, modules, checkpoint, DTYPES[dtype])
     _write_hf_dir(model, hf_state, AUTO_MAP, REMOTE_MODULES, vlm, run_dir, out_dir, checkpoint, max_shard_size)
-    logger.info("Exported %s (%s) to %s as %s", checkpoint, model_cfg.model_id, out_dir, dtype)
+    if isinstance(policy, VLAAdapterPolicyConfig):
+        write_vla_adapter_checkpoint({f"{key}.{name}": tensor for key in ("action_head", "proprio_projector")
+                                      for name, tensor in modules.get(key, {}).items()}, out_dir, step_of(checkpoint),
+                                     pro=policy.block == "pro", featurizer_keys=vlm.vision_backbone.keys, lora=None,
+                                     dataset_statistics=None)
+    logger.info("Exported %s (%s, %s policy) to %s as %s", checkpoint, model_cfg.model_id, policy.family, out_dir,
+                dtype)
     return out_dir

@@ -32,6 +32,7 @@ from vla_train.config.model import ModelConfig, model_config_from_fields, model_
 from vla_train.export.hf import DATASET_STATISTICS, export_text_config, text_config_as_written
 from vla_train.export.keys import MODULE_KEYS, hf_to_native
 from vla_train.export.oft_import import has_oft_files, oft_modules, policy_section
+from vla_train.export.vla_adapter_files import ACTION_QUERIES_KEY, vla_adapter_modules
 from vla_train.log import logger
 from vla_train.models.build import build_vlm
 from vla_train.models.image_transforms import validate_resize_strategy
@@ -201,8 +202,10 @@ def check_llm_sizes(state: dict[str, torch.Tensor], llm: LLMBackbone, source: Pa
                          "config (sizes, rms_norm_eps, vocab_size, ...) as text_config in config.json.")
 
 
-def prepare_import(hf_dir: Path) -> tuple[dict[str, Any], ModelConfig, bool, dict[str, dict[str, torch.Tensor]]]:
-    """Every check of an import, before anything is written: `(hf config, model_cfg, registered, native modules)`."""
+def prepare_import(hf_dir: Path) -> tuple[dict[str, Any], ModelConfig, bool, dict[str, dict[str, torch.Tensor]],
+                                           torch.Tensor | None]:
+    """Every check of an import, before anything is written: `(hf config, model_cfg, registered, native modules,
+    VLA-Adapter's ActionQueries or None)`."""
     config = read_hf_config(hf_dir)
     try:
         model_cfg, registered = match_model_config(config)
@@ -212,10 +215,11 @@ def prepare_import(hf_dir: Path) -> tuple[dict[str, Any], ModelConfig, bool, dic
         vlm = build_vlm(model_cfg, inference_mode=True)
     check_text_config_survives(config, vlm.llm_backbone, hf_dir / "config.json")
     state = read_hf_weights(hf_dir)
+    action_queries = state.pop(ACTION_QUERIES_KEY, None)  # VLA-Adapter's merged model holds them beside the VLM
     check_llm_sizes(state, vlm.llm_backbone, hf_dir / "config.json")
     modules = to_native_modules(state, vlm, hf_dir)
     model_config_section(model_cfg)  # encodable: fails here rather than after the checkpoint is written
-    return config, model_cfg, registered, modules
+    return config, model_cfg, registered, modules, action_queries
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, *, vla_id: str | None = None, overwrite: bool = False,
@@ -224,16 +228,21 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, vla_id: str | None = N
     """Write a training run directory for `hf_dir`'s weights and statistics; returns its checkpoint `.pt` path.
 
     A directory with OpenVLA-OFT's files (`action_head--*_checkpoint.pt`, ...) imports as an `oft` policy run
-    (`export/oft_import.py`: `chunk_length` and `cameras` required, `oft_step` default the highest).
+    (`export/oft_import.py`: `chunk_length` and `cameras` required, `oft_step` default the highest); one whose weights
+    hold `action_queries.weight` as a `vla-adapter` run (`export/vla_adapter_files.py`, the same options).
     Every check (config, LLM architecture, weights) runs before the first write: a failed import leaves no files.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     checkpoint = out_dir / CHECKPOINT_SUBDIR / f"{checkpoint_name(0, 0, None)}.pt"
     if checkpoint.exists() and not overwrite:
         raise FileExistsError(f"{checkpoint} exists. Fix: pass --overwrite true or another --out_dir.")
-    config, model_cfg, registered, modules = prepare_import(hf_dir)
+    config, model_cfg, registered, modules, action_queries = prepare_import(hf_dir)
     policy = None
-    if has_oft_files(hf_dir):
+    if action_queries is not None:
+        adapter_policy, adapter = vla_adapter_modules(hf_dir, model_cfg, action_queries, chunk_length, cameras,
+                                                      oft_step)
+        modules, policy = {**modules, **adapter}, policy_section(adapter_policy)
+    elif has_oft_files(hf_dir):
         oft_policy, oft = oft_modules(hf_dir, model_cfg, chunk_length, cameras, oft_step)
         modules, policy = {**modules, **oft}, policy_section(oft_policy)
 

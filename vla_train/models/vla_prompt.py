@@ -34,11 +34,13 @@ def vla_training_ids(
     instruction: str,
     action_token_ids: Sequence[int],
     predict_stop_token: bool = True,
+    append_stop: bool = True,
 ) -> tuple[list[int], list[int]]:
     """`(input_ids, labels)` for one frame: labels are -100 except on the action ids (and the stop ids). The prompt's
-    ids are cached per instruction (the frames of an episode share one; tokenizing it is a third of the transform)."""
+    ids are cached per instruction (the frames of an episode share one; tokenizing it is a third of the transform).
+    `append_stop=False`: no stop ids after the actions (VLA-Adapter's ActionQuery layout)."""
     prefix, stop = _prompt_and_stop_ids(prompt_builder_fn, tokenizer, instruction)
-    prefix, stop = list(prefix), list(stop)
+    prefix, stop = list(prefix), list(stop) if append_stop else []
     actions = [int(i) for i in action_token_ids]
     labels = [IGNORE_INDEX] * len(prefix) + actions + (stop if predict_stop_token else [IGNORE_INDEX] * len(stop))
     return prefix + actions + stop, labels

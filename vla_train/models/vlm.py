@@ -70,6 +70,14 @@ class PrismaticVLM(nn.Module):
         states has no use for the LM head): frozen in every stage, so no optimizer state waits for a gradient."""
         return []
 
+    def policy_fsdp_units(self) -> list[nn.Module]:
+        """A policy's own FSDP units beyond the backbones' (run after the LLM, in forward order); none here."""
+        return []
+
+    def policy_checkpoint_containers(self) -> list[nn.Module]:
+        """Containers of a policy's own activation-checkpointing units (wrapped in place); none here."""
+        return []
+
     def fsdp_unit_classes(self) -> tuple[type[nn.Module], ...]:
         """Module classes that form FSDP / activation-checkpointing units (composed from the backbones)."""
         return (*self.vision_backbone.fsdp_unit_classes, self.llm_backbone.transformer_layer_cls,

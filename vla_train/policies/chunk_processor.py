@@ -1,12 +1,13 @@
-"""Frames -> tensors for policies that predict an action chunk in one pass (OpenVLA-OFT; later VLA-Adapter).
+"""Frames -> tensors for policies that predict an action chunk in one pass (OpenVLA-OFT, VLA-Adapter).
 
-`ChunkBatchTransform` turns a numpy frame into OFT's training sample: the prompt "What action should the robot take
-to {instruction}?" answered by the whole chunk's action tokens (H x A ids, step t first, then t+1, ...: OFT's order)
-and the stop token, with labels on exactly those (`vla_training_ids`, as for OpenVLA; the model reads the chunk from
-the action slots' positions); the normalized chunk `actions [H, A]` and its `action_mask [H]` (False past the
-episode's end); normalized `proprio [P]` when the policy uses it; and the pixels of every camera role in
-`needs.cameras` order, stacked on a camera axis: `[C, 3, S, S]` float32 (or channels-last `[C, S, S, 3]` uint8 with
-`uint8_pixels`, normalized on the device), per featurizer key for fused backbones.
+`ChunkBatchTransform` turns a numpy frame into a chunk policy's training sample: OFT's prompt "What action should the
+robot take to {instruction}?" answered by the whole chunk's action tokens (H x A ids, step t first, then t+1, ...:
+OFT's order) and the stop token, with labels on exactly those (`vla_training_ids`, as for OpenVLA; the model reads the
+chunk from the action slots' positions), or, for VLA-Adapter (`num_queries > 0`), the prompt answered by N placeholder
+ids and no stop ids (their input embeddings become the ActionQueries); the normalized chunk `actions [H, A]` and its
+`action_mask [H]` (False past the episode's end); normalized `proprio [P]` when the policy uses it; and the pixels of
+every camera role in `needs.cameras` order, stacked on a camera axis: `[C, 3, S, S]` float32 (or channels-last
+`[C, S, S, 3]` uint8 with `uint8_pixels`, normalized on the device), per featurizer key for fused backbones.
 """
 
 from dataclasses import dataclass
@@ -34,12 +35,18 @@ class ChunkBatchTransform:
     prompt_builder_fn: type[PromptBuilder]
     needs: DataNeeds
     uint8_pixels: bool = False  # as RLDSBatchTransform: geometry on the host, normalization on the device
+    num_queries: int = 0  # > 0: VLA-Adapter's layout, N placeholder ids (`placeholder_id`) and no stop ids
+    placeholder_id: int = 0
 
     def __call__(self, frame: dict[str, Any]) -> dict[str, Any]:
         sample = sample_from_frame(frame, self.needs)
-        chunk_ids = self.action_tokenizer.encode_to_ids(sample.actions).reshape(-1)  # [H * A], step-major
-        input_ids, labels = vla_training_ids(self.prompt_builder_fn, self.base_tokenizer, sample.instruction,
-                                             chunk_ids, predict_stop_token=True)
+        if self.num_queries:
+            input_ids, labels = vla_training_ids(self.prompt_builder_fn, self.base_tokenizer, sample.instruction,
+                                                 [self.placeholder_id] * self.num_queries, append_stop=False)
+        else:
+            chunk_ids = self.action_tokenizer.encode_to_ids(sample.actions).reshape(-1)  # [H * A], step-major
+            input_ids, labels = vla_training_ids(self.prompt_builder_fn, self.base_tokenizer, sample.instruction,
+                                                 chunk_ids, predict_stop_token=True)
         images = [sample.images[role] for role in self.needs.cameras]
         if self.uint8_pixels:
             pixels = [self.image_transform.to_uint8(image) for image in images]

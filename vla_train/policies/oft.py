@@ -7,65 +7,22 @@ slots; the targets are the normalized chunk `actions [H, A]`), with every config
 times A): that count is the loss weight, so accumulation and rank averaging give the mean over the global batch.
 """
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from vla_train.config.policy import OFTPolicyConfig
-from vla_train.data.collator import PaddedCollatorForActionPrediction
-from vla_train.data.normalization import normalize_np
-from vla_train.data.sample import DataNeeds
 from vla_train.export.oft_checkpoint import write_oft_checkpoint
-from vla_train.models.oft.model import check_action_slots
-from vla_train.policies.base import Batch, Policy, PolicyOutput, TokenCounts
-from vla_train.policies.chunk_metrics import ChunkMetrics
+from vla_train.policies.base import Batch, PolicyOutput, TokenCounts
+from vla_train.policies.chunk_policy import ChunkPolicy, camera_list
 from vla_train.policies.chunk_processor import ChunkBatchTransform
 from vla_train.policies.openvla import model_action_tokenizer
 
 
-def camera_list(pixel_values: torch.Tensor | dict[str, torch.Tensor]) -> list[Any]:
-    """Collated pixels with a camera axis (`[B, C, 3, S, S]`, or a dict of them per featurizer) -> one entry per
-    camera (`[B, 3, S, S]` or a dict), as `OFTVLM` takes them."""
-    if isinstance(pixel_values, dict):
-        per_key = {key: value.unbind(1) for key, value in pixel_values.items()}
-        return [dict(zip(per_key, camera, strict=True)) for camera in zip(*per_key.values(), strict=True)]
-    return list(pixel_values.unbind(1))
-
-
-class OFTPolicy(Policy):
+class OFTPolicy(ChunkPolicy):
     config: OFTPolicyConfig
-
-    def __init__(self, config: OFTPolicyConfig) -> None:
-        super().__init__(config)
-        self.mean_actions: dict[str, np.ndarray] | None = None  # per dataset, normalized (set by check_data)
-
-    @property
-    def needs(self) -> DataNeeds:
-        config = self.config
-        return DataNeeds(chunk_length=config.chunk_length, cameras=tuple(config.cameras),
-                         proprio=config.proprio_dim > 0, continuous_actions=True)
-
-    def pipeline_overrides(self) -> dict[str, Any]:
-        return self.needs.pipeline_overrides()
-
-    def check_data(self, dataset_statistics: dict[str, Any]) -> None:
-        """Every dataset's action (and proprio) dimension must be the configured one: a clear error now, not a
-        shape error in the first forward. Keeps each dataset's normalized mean action for the metrics' baseline."""
-        for name, stats in dataset_statistics.items():
-            dims = {"action_dim": len(stats["action"]["mean"])}
-            if self.config.proprio_dim:
-                dims["proprio_dim"] = len(stats.get("proprio", {}).get("mean", []))
-            for option, found in dims.items():
-                if found != getattr(self.config, option):
-                    raise ValueError(f"Dataset {name!r} has {option.split('_')[0]} dimension {found}, but "
-                                     f"--vla.policy.{option} = {getattr(self.config, option)}. Fix: pass "
-                                     f"--vla.policy.{option} {found}.")
-        self.mean_actions = {name: normalize_np(np.asarray(stats["action"]["mean"]), stats["action"])
-                             for name, stats in dataset_statistics.items()}
 
     def write_checkpoint_files(self, model: nn.Module, full_state: dict[str, torch.Tensor], directory: Path, step: int,
                                dataset_statistics: dict[str, Any]) -> None:
@@ -79,15 +36,6 @@ class OFTPolicy(Policy):
         return ChunkBatchTransform(model_action_tokenizer(model), llm.get_tokenizer(),
                                    model.vision_backbone.get_image_transform(), llm.prompt_builder_fn, self.needs)
 
-    def collator(self, model: nn.Module) -> PaddedCollatorForActionPrediction:
-        tokenizer = model.llm_backbone.get_tokenizer()
-        return PaddedCollatorForActionPrediction(tokenizer.model_max_length, tokenizer.pad_token_id)
-
-    def loss_weight(self, batch: Batch) -> float:
-        """Valid chunk elements: valid steps * A (checks the action slots on the CPU, so the forward need not)."""
-        check_action_slots(batch["labels"], self.config.chunk_length * self.config.action_dim)
-        return float(batch["action_mask"].sum()) * self.config.action_dim
-
     def forward(self, model: nn.Module, inputs: Batch, normalizer: float | None) -> PolicyOutput:
         output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                        pixel_values=camera_list(inputs["pixel_values"]), labels=inputs["labels"],
@@ -98,10 +46,6 @@ class OFTPolicy(Policy):
     def _sample_steps(self, model: nn.Module) -> int | None:
         """Evaluation of a diffusion head samples the chunk (its L1 is the held-out metric); training never does."""
         return None if model.training or self.config.head != "diffusion" else self.config.num_diffusion_steps_inference
-
-    def metrics(self, model: nn.Module, dataset_names: Sequence[str], device: torch.device,
-                prefix: str = "VLA Train") -> ChunkMetrics:
-        return ChunkMetrics(dataset_names, device, prefix, mean_actions=self.mean_actions)
 
     def token_counts(self, model: nn.Module, inputs: Batch) -> TokenCounts:
         """LLM positions = text + patches of every camera + the proprio / timestep tokens; supervised = slots."""

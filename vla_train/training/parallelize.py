@@ -1,10 +1,11 @@
 """FSDP2 for a PrismaticVLM: activation checkpointing, then `fully_shard` per unit, in one function.
 
 Units are composed from what each part declares, in forward order: the vision backbone's `fsdp_units()` (every ViT
-block, then each whole featurizer), the projector, the LLM backbone's `fsdp_units()` (every decoder layer), then the
-root (LLM embeddings, final norm, head). Activation checkpointing wraps the items of each backbone's
-`activation_checkpoint_containers()` in place, so state-dict keys are unchanged. A new backbone family plugs in by
-declaring those two methods; nothing here names a family's modules.
+block, then each whole featurizer), the projector, the LLM backbone's `fsdp_units()` (every decoder layer), the
+policy's `policy_fsdp_units()` (VLA-Adapter's Bridge blocks), then the root (LLM embeddings, final norm, head).
+Activation checkpointing wraps the items of each backbone's `activation_checkpoint_containers()` and of the policy's
+`policy_checkpoint_containers()` in place, so state-dict keys are unchanged. A new backbone or policy family plugs in
+by declaring those methods; nothing here names a family's modules.
 
 Strategies are `config/vla.py`'s `TRAIN_STRATEGIES` (the one list); `resolve_train_strategy` maps the reference's
 ids by node count (`fsdp-full-shard` -> `hybrid-shard` on several nodes, `full-shard` on one; `fsdp-shard-grad-op`
@@ -13,8 +14,8 @@ ids by node count (`fsdp-full-shard` -> `hybrid-shard` on several nodes, `full-s
   a 1-D mesh over all ranks;
 - `hybrid-shard` / `hybrid-shard-grad-op`: the same within a node, replicated across nodes, on a 2-D
   `(replicate, shard)` mesh of shape `(num_nodes, local_world_size)`.
-As in torchtitan, the root and the last decoder layer are never re-sharded after forward: backward needs their
-parameters first. The log line names the requested and the resolved strategy and the mesh shape.
+As in torchtitan, the root and the last unit (decoder layer or policy block) are never re-sharded after forward:
+backward needs their parameters first. The log line names the requested and the resolved strategy and the mesh shape.
 Mixed precision: FP32 master weights, bf16 compute, fp32 (or bf16) gradient reduction. A frozen vision backbone is
 cast to bf16 first, as the reference does, outside the stages that train it (unless the policy trains parameters
 inside it: OFT's FiLM projections). With LoRA, every frozen base weight is bf16 and only the adapters and the
@@ -58,13 +59,14 @@ def _checkpoint_items(container: nn.Module) -> None:
 
 
 def _fully_shard_units(vlm: PrismaticVLM, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool) -> None:
-    """`fully_shard` every declared unit, inner first, then the root; the root and the last decoder layer keep
+    """`fully_shard` every declared unit, inner first, then the root; the root and the last unit keep
     their parameters gathered after forward (torchtitan's choice: backward starts with them)."""
     llm_units = vlm.llm_backbone.fsdp_units()
     if not llm_units:
         raise ValueError(f"LLM backbone {vlm.llm_backbone.identifier!r} declares no FSDP units (fsdp_units()).")
-    for unit in (*vlm.vision_backbone.fsdp_units(), vlm.projector, *llm_units):
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and unit is not llm_units[-1])
+    last = ([*llm_units, *vlm.policy_fsdp_units()])[-1]
+    for unit in (*vlm.vision_backbone.fsdp_units(), vlm.projector, *llm_units, *vlm.policy_fsdp_units()):
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and unit is not last)
     fully_shard(vlm, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
@@ -108,7 +110,7 @@ def parallelize_vlm(vlm: PrismaticVLM, ctx: DistributedContext, *, strategy: str
     elif mixed_precision and stage not in STAGES_TRAINING_VISION and not policy_trains_vision:
         vlm.vision_backbone.to(torch.bfloat16)
     if activation_checkpointing:
-        containers = vlm.llm_backbone.activation_checkpoint_containers()
+        containers = [*vlm.llm_backbone.activation_checkpoint_containers(), *vlm.policy_checkpoint_containers()]
         if checkpoint_vision_blocks:
             containers = [*containers, *vlm.vision_backbone.activation_checkpoint_containers()]
         for container in containers:

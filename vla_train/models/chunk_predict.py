@@ -1,4 +1,5 @@
-"""`predict_action` for OFT models: camera images, an instruction and raw proprio -> the un-normalized chunk `[H, A]`.
+"""`predict_action` for chunk policies (OFT, VLA-Adapter): camera images, an instruction and raw proprio -> the
+un-normalized chunk `[H, A]`.
 
 Inputs are processed as in training: each camera's image through the model's image transform (the cameras in the
 order the policy was trained with), the OpenVLA prompt prefix, proprio normalized with the dataset's statistics
@@ -16,10 +17,10 @@ from vla_train.models.openvla import dataset_statistics, unnormalize_actions
 from vla_train.models.vla_prompt import vla_prompt_prefix_ids
 
 if TYPE_CHECKING:
-    from vla_train.models.oft.model import OFTVLM
+    from vla_train.models.chunk_vlm import ChunkVLM
 
 
-def camera_pixels(model: "OFTVLM", images: list[Image.Image], device: torch.device) -> list[Any]:
+def camera_pixels(model: "ChunkVLM", images: list[Image.Image], device: torch.device) -> list[Any]:
     """One PIL image per camera -> per camera `[1, 3, S, S]` (or a dict per featurizer) on `device`."""
     transform = model.vision_backbone.get_image_transform()
     cameras = []
@@ -30,7 +31,7 @@ def camera_pixels(model: "OFTVLM", images: list[Image.Image], device: torch.devi
     return cameras
 
 
-def predict_action(model: "OFTVLM", images: Image.Image | list[Image.Image], instruction: str,
+def predict_action(model: "ChunkVLM", images: Image.Image | list[Image.Image], instruction: str,
                    proprio: np.ndarray | None = None, unnorm_key: str | None = None,
                    num_inference_steps: int | None = None, seed: int = 0) -> np.ndarray:
     """Un-normalized actions `[H, A]` (float64) for dataset `unnorm_key`. `images`: one per camera; `proprio`: raw
