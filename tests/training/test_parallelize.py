@@ -121,3 +121,49 @@ def test_hybrid_mesh_needs_equal_processes_per_node():
     with pytest.raises(ValueError, match=r"hybrid-shard needs the same number of processes on every node: world "
                                          r"size 3 is not a multiple of 2 per node\. Fix:"):
         build_mesh(uneven, "hybrid-shard")
+
+
+def _adapter_batch(model) -> dict:
+    from vla_train.models.vla_prompt import vla_training_ids
+
+    tokenizer = model.llm_backbone.get_tokenizer()
+    ids, labels = vla_training_ids(model.llm_backbone.prompt_builder_fn, tokenizer, "pick up the cup",
+                                   [model.placeholder_id] * model.num_action_queries, append_stop=False)
+    generator = torch.Generator().manual_seed(1)
+    size = model.vision_backbone.default_image_resolution
+    pixels = [{key: torch.randn(2, *size, generator=generator) for key in model.vision_backbone.keys}
+              for _ in range(2)]
+    return dict(input_ids=torch.tensor([ids, ids]), attention_mask=torch.ones(2, len(ids), dtype=torch.bool),
+                pixel_values=pixels, labels=torch.tensor([labels, labels]),
+                actions=torch.randn(2, 3, 7, generator=generator), action_mask=torch.ones(2, 3, dtype=torch.bool),
+                proprio=torch.randn(2, 4, generator=generator))
+
+
+def test_vla_adapters_bridge_blocks_are_checkpointed_units_with_the_plain_models_gradients(process_group):
+    """The policy declares its Bridge blocks: each is activation-checkpointed and its own FSDP2 unit after the
+    decoder layers; the last block (not the last decoder layer) stays gathered for backward; the loss and every
+    gradient equal the unwrapped model's."""
+    from vla_train.config.policy import VLAAdapterPolicyConfig
+
+    config = VLAAdapterPolicyConfig(chunk_length=3, action_dim=7, proprio_dim=4, num_action_queries=5)
+    plain = config.build_model(build_tiny("tiny-dinosiglip+tiny-qwen25", vla=True))
+    model = config.build_model(build_tiny("tiny-dinosiglip+tiny-qwen25", vla=True))
+    model.load_state_dict(plain.state_dict())
+    parallelize_vlm(model, CPU_CONTEXT, strategy="full-shard", stage="vla-full-train", mixed_precision=False)
+    blocks = list(model.action_head.model.mlp_resnet_blocks)
+    layers = list(model.llm_backbone.llm.model.layers)
+    assert all(isinstance(b, CheckpointWrapper) and isinstance(b, FSDPModule) for b in blocks)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    batch = _adapter_batch(plain)
+    expected = plain(**batch, generator=torch.Generator().manual_seed(0))
+    expected.loss.backward()
+    got = model(**batch, generator=torch.Generator().manual_seed(0))
+    assert not _is_sharded(blocks[-1]) and _is_sharded(blocks[0]) and _is_sharded(layers[-1])
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, expected.loss)
+    grads = {name.replace("._checkpoint_wrapped_module", ""): p.grad.full_tensor() for name, p in
+             model.named_parameters() if p.grad is not None}
+    reference = {name: p.grad for name, p in plain.named_parameters() if p.grad is not None}
+    assert grads.keys() == reference.keys() and "action_queries.weight" in grads
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,13 +1,14 @@
-"""OFT run directories built without training, for tests and export / serving checks (the OFT twin of
-`vla_train.export.compat.write_tiny_vla_run`).
+"""Chunk-policy (OFT, VLA-Adapter) run directories built without training, for tests and export / serving checks
+(the twin of `vla_train.export.compat.write_tiny_vla_run`).
 
-`write_tiny_oft_run(model_id, run_dir, policy)` writes what an OFT training run leaves behind:
+`write_tiny_oft_run(model_id, run_dir, policy)` writes what an OFT (or VLA-Adapter) training run leaves behind:
 - `config.json`: `{"model": <the model config section>, "vla": {"policy": {"type": "oft", ...}}}`;
 - `dataset_statistics.json`: one dataset with `action` (q01/q99/mask, `[A]`) and `proprio` (q01/q99/min/max/mask,
   `[P]`) statistics;
 - `checkpoints/latest-checkpoint.pt`: `{"model": {module key: state dict}}` for every module of the `OFTVLM`
   (`vision_backbone`, `projector`, `llm_backbone`, `action_head`, `proprio_projector`, `noisy_action_projector`; FiLM's
-  wrapped blocks under the model's own keys), FP32, the seeded weights plus seeded Gaussian noise of std `noise`.
+  wrapped blocks under the model's own keys; VLA-Adapter's `action_queries`), FP32, the seeded weights plus seeded
+  Gaussian noise of std `noise`.
 """
 
 import json
@@ -20,9 +21,11 @@ import torch
 
 from vla_train.atomic_io import atomic_torch_save
 from vla_train.config.model import get_model_config, model_config_section
-from vla_train.config.policy import OFTPolicyConfig
+from vla_train.config.policy import OFTPolicyConfig, VLAAdapterPolicyConfig
 from vla_train.models.build import build_vlm
 from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT
+
+ChunkPolicyConfig = OFTPolicyConfig | VLAAdapterPolicyConfig  # chunk policies: action_dim and proprio_dim
 
 UNNORM_KEY = "demo_oft"
 
@@ -47,12 +50,12 @@ def demo_oft_norm_stats(action_dim: int, proprio_dim: int, seed: int = 0) -> dic
     return {UNNORM_KEY: stats}
 
 
-def policy_section(policy: OFTPolicyConfig) -> dict[str, Any]:
+def policy_section(policy: ChunkPolicyConfig) -> dict[str, Any]:
     """`config.json["vla"]["policy"]` as training writes it (draccus-encoded, with its registry `type`)."""
     return {"type": policy.family, **draccus.encode(policy)}
 
 
-def write_tiny_oft_run(model_id: str, run_dir: str | Path, policy: OFTPolicyConfig, *, noise: float = 0.05,
+def write_tiny_oft_run(model_id: str, run_dir: str | Path, policy: ChunkPolicyConfig, *, noise: float = 0.05,
                        seed: int = 0, norm_stats: dict[str, Any] | None = None) -> Path:
     """An OFT run directory of the registered (tiny) `model_id` with `policy` (see the module docstring); returns
     `run_dir`. `noise` perturbs every weight (so the heads and FiLM matter), seeded by `seed`."""

@@ -10,9 +10,10 @@ One worker thread owns the model: it takes the first queued request, lets others
 `max_batch_size`), groups them by `Prepared.group_key` (prompt length and action dimension for a run directory) and
 runs each group as one batched decoding.
 
-Action-chunk policies (OpenVLA-OFT run directories and their exports, `vla_train.export.server_oft`): `/act` also takes
-the other cameras' images (`"wrist_image"`, ... or an `"images"` list), `"proprio"` (list of floats) and `"seed"`, and
-answers the whole chunk `[H, A]` as a JSON nested list; see that module for the schema. OpenVLA models are unchanged.
+Action-chunk policies (OpenVLA-OFT and VLA-Adapter run directories, OFT exports; `vla_train.export.server_oft`):
+`/act` also takes the other cameras' images (`"wrist_image"`, ... or an `"images"` list), `"proprio"` (list of
+floats) and `"seed"`, and answers the whole chunk `[H, A]` as a JSON nested list; see that module for the schema.
+OpenVLA models are unchanged.
 
 Limits (`vla_train.export.server_limits`): request bodies, images and prompts are bounded (413 / 422 with the limit and
 the option that raises it), all checked before a request reaches the model thread.
@@ -40,7 +41,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from vla_train.config.deploy import DeployConfig, validate_deploy_config
-from vla_train.config.policy import OFTPolicyConfig, read_policy_config
+from vla_train.config.policy import OFTPolicyConfig, VLAAdapterPolicyConfig, read_policy_config
 from vla_train.export.hf import find_checkpoint
 from vla_train.export.server_limits import (
     PromptLimit,
@@ -368,8 +369,12 @@ def load_run_dir_model(run_dir: Path, *, step: int | None = None, device: str = 
         chunk = ChunkPolicy(tuple(policy.cameras), policy.proprio_dim, policy.chunk_length, policy.action_dim,
                             policy.head, policy.num_diffusion_steps_inference)
         return OFTActionModel(vla.to(device), chunk)
+    if isinstance(policy, VLAAdapterPolicyConfig):  # deterministic chunks, as OFT's L1 head
+        chunk = ChunkPolicy(tuple(policy.cameras), policy.proprio_dim, policy.chunk_length, policy.action_dim, "l1", 1)
+        return OFTActionModel(vla.to(device), chunk)
     if policy.family != "openvla":
-        raise ValueError(f"{run_dir} trains the {policy.family!r} policy; the server serves 'openvla' and 'oft'.")
+        raise ValueError(f"{run_dir} trains the {policy.family!r} policy; the server serves 'openvla', 'oft' and "
+                         "'vla-adapter'.")
     return OpenVLAActionModel(vla.to(device))
 
 

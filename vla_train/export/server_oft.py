@@ -135,8 +135,8 @@ def _group_key(policy: ChunkPolicy, prompt_length: int, request: ChunkRequest) -
 
 
 class OFTActionModel:
-    """A native `OFTVLM` (run directory): same prompt ids, image transforms and proprio normalization as
-    `OFTVLM.predict_action`, L1 requests batched."""
+    """A native chunk policy (`OFTVLM` or `VLAAdapterVLM`, from a run directory): same prompt ids, image transforms
+    and proprio normalization as its `predict_action`, deterministic (L1) requests batched."""
 
     chunked = True
 
@@ -145,8 +145,8 @@ class OFTActionModel:
         self.model_id, self.norm_stats = model.model_id, model.norm_stats
         self._tokenizer_lock = threading.Lock()
         llm = model.llm_backbone
-        self.num_generated = policy.chunk_length * policy.action_dim + len(model.stop_token_ids)
-        prefix = len(policy.cameras) * model.num_patches + bool(policy.proprio_dim) + (policy.head == "diffusion")
+        self.num_generated = model.num_action_slots + len(model.stop_token_ids)
+        prefix = len(policy.cameras) * model.num_patches + model.num_extra_prefix_tokens
         self.prompt_limit: PromptLimit | None = prompt_limit_for(
             llm.get_tokenizer(), getattr(llm.llm.config, "max_position_embeddings", None), prefix,
             fallback_max_length=llm.llm_max_length)

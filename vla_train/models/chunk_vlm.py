@@ -125,6 +125,11 @@ class ChunkVLM(PrismaticVLM):
         """N: placeholder positions after the prompt (OFT: H*A)."""
         return self.chunk_length * self.action_dim
 
+    @property
+    def num_extra_prefix_tokens(self) -> int:
+        """LLM positions the family inserts after the patches (OFT: proprio and diffusion timestep tokens)."""
+        return 0
+
     def action_slot_mask(self, labels: torch.Tensor, check: bool = True) -> torch.Tensor:
         """`labels [B, T]` -> bool `[B, T]`: the first N supervised positions of each row (the slots). `check` raises
         when a row has fewer (a host sync: the training policy checks its CPU batch instead)."""

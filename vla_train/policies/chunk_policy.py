@@ -28,7 +28,7 @@ def camera_list(pixel_values: torch.Tensor | dict[str, torch.Tensor]) -> list[An
     return list(pixel_values.unbind(1))
 
 
-class ChunkPolicy(Policy):
+class BaseChunkPolicy(Policy):
     """A chunk policy; its config has `chunk_length`, `action_dim`, `proprio_dim` and `cameras`."""
 
     config: Any

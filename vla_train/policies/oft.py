@@ -16,12 +16,12 @@ from torch import nn
 from vla_train.config.policy import OFTPolicyConfig
 from vla_train.export.oft_checkpoint import write_oft_checkpoint
 from vla_train.policies.base import Batch, PolicyOutput, TokenCounts
-from vla_train.policies.chunk_policy import ChunkPolicy, camera_list
+from vla_train.policies.chunk_policy import BaseChunkPolicy, camera_list
 from vla_train.policies.chunk_processor import ChunkBatchTransform
 from vla_train.policies.openvla import model_action_tokenizer
 
 
-class OFTPolicy(ChunkPolicy):
+class OFTPolicy(BaseChunkPolicy):
     config: OFTPolicyConfig
 
     def write_checkpoint_files(self, model: nn.Module, full_state: dict[str, torch.Tensor], directory: Path, step: int,

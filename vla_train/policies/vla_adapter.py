@@ -16,12 +16,12 @@ from torch import nn
 from vla_train.config.policy import VLAAdapterPolicyConfig
 from vla_train.export.vla_adapter_files import write_vla_adapter_checkpoint
 from vla_train.policies.base import Batch, PolicyOutput, TokenCounts
-from vla_train.policies.chunk_policy import ChunkPolicy, camera_list
+from vla_train.policies.chunk_policy import BaseChunkPolicy, camera_list
 from vla_train.policies.chunk_processor import ChunkBatchTransform
 from vla_train.policies.openvla import model_action_tokenizer
 
 
-class VLAAdapterPolicy(ChunkPolicy):
+class VLAAdapterPolicy(BaseChunkPolicy):
     config: VLAAdapterPolicyConfig
 
     def num_slots(self) -> int:

@@ -110,6 +110,11 @@ class OFTVLM(ChunkVLM):
             params += [p for p in self.vision_backbone.film_parameters() if id(p) not in unused]
         return params
 
+    @property
+    def num_extra_prefix_tokens(self) -> int:
+        """The proprio token (with a proprio projector) and the diffusion timestep token (diffusion head)."""
+        return int(self.proprio_projector is not None) + int(self.head_type == "diffusion")
+
     def fsdp_unit_classes(self) -> tuple[type[nn.Module], ...]:
         """The VLM's units plus the heads' `MLPResNet` (called through `forward`, so FSDP hooks fire)."""
         return (*super().fsdp_unit_classes(), MLPResNet)
