@@ -39,6 +39,7 @@ def test_registry_holds_reference_and_tiny_entries():
     assert set(VLAConfig.get_known_choices()) == {*REFERENCE, "tiny-demo", "tiny-test", *OFT_RECIPES,
                                                   "tiny-oft-l1", "tiny-oft-diffusion", "tiny-oft-demo",
                                                   "metaworld-oft-tiny", "metaworld-oft-tiny-b7", *VLA_ADAPTER_RECIPES,
+                                                  "metaworld-vla-adapter-tiny-b7",
                                                   "tiny-vla-adapter"}
 
 

@@ -8,7 +8,9 @@ benchmark"):
 - `metaworld-oft-tiny`: `metaworld_bench` (`--name bench`), 8 short tasks, 5,000 steps (~36 min);
 - `metaworld-oft-tiny-b7`: `metaworld_bench7` (`--name bench7`), 7 tasks whose object or goal position decides the
   motion (the mean action solves the drawer, door and handle-press tasks of `bench`, which say little), 3,500 steps
-  (~27 min on an idle machine).
+  (~27 min on an idle machine);
+- `metaworld-vla-adapter-tiny-b7`: the same base, data, cameras, proprio, chunks and schedule as a VLA-Adapter policy
+  (64 ActionQueries, Pro Bridge blocks over both LLM layers): the VLA-Adapter row of the benchmark.
 
 Why these values: a run must take under one hour on a 2-core CPU (2 processes, the only parallelism there is). At
 batch 32 a step takes ~0.42-0.48 s on the idle machine, so the step budgets see each of the ~22-26k demo frames 5-6
@@ -20,7 +22,7 @@ smooth the expert's saturated actions; the wrist camera sees the button, handle 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vla_train.config.policy import OFTPolicyConfig, PolicyConfig
+from vla_train.config.policy import OFTPolicyConfig, PolicyConfig, VLAAdapterPolicyConfig
 from vla_train.config.sim_eval import SIM_ACTION_DIM, SIM_PROPRIO_DIM
 from vla_train.config.vla import VLAConfig
 
@@ -64,3 +66,17 @@ class MetaWorldOFT_Tiny_B7(MetaWorldOFT_Tiny):
     vla_id: str = "metaworld-oft-tiny-b7"
     data_mix: str = "metaworld_bench7"
     max_steps: int | None = 3500
+
+
+def _metaworld_adapter_policy() -> PolicyConfig:
+    return VLAAdapterPolicyConfig(chunk_length=8, action_dim=SIM_ACTION_DIM, proprio_dim=SIM_PROPRIO_DIM,
+                                  cameras=["primary", "wrist"], num_action_queries=64, block="pro")
+
+
+@VLAConfig.register_subclass("metaworld-vla-adapter-tiny-b7")
+@dataclass
+class MetaWorldVLAAdapter_Tiny_B7(MetaWorldOFT_Tiny_B7):
+    """As `metaworld-oft-tiny-b7` with the VLA-Adapter policy instead of OFT's (same base, data and schedule)."""
+
+    vla_id: str = "metaworld-vla-adapter-tiny-b7"
+    policy: PolicyConfig = field(default_factory=_metaworld_adapter_policy)
