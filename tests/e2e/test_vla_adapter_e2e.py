@@ -79,3 +79,21 @@ def test_vla_adapter_lora_resume_reproduces_a_straight_run_exactly(demo_data, tm
             torch.testing.assert_close(value, trained[f"{piece}.{key}"], rtol=1e-5, atol=1e-6)
     fresh = load_train_config(run_dir).vla.policy.build_model(load_base_vlm(BASE_VLM, vla=True))
     assert isinstance(fresh, VLAAdapterVLM)
+
+
+def test_fine_tunes_from_an_imported_vla_adapter_release(demo_data, tmp_path):
+    """VLA-Adapter's release layout (merged model with action_queries + action_head / proprio_projector files) ->
+    import -> train.py from it: the imported ActionQueries and Bridge policy are the starting weights."""
+    from vla_train.config.vla import get_vla_config
+    from vla_train.export.hf import export_hf
+    from vla_train.export.hf_import import import_hf
+    from vla_train.export.oft_run import write_tiny_oft_run
+
+    policy = get_vla_config(RECIPE).policy
+    release = export_hf(write_tiny_oft_run(BASE_VLM, tmp_path / "source", policy, seed=5), tmp_path / "release")
+    checkpoint = import_hf(release, tmp_path / "imported", chunk_length=policy.chunk_length, cameras=policy.cameras)
+    result = torchrun(adapter_args(demo_data, tmp_path / "runs", "--vla.max_steps", "2", "--pretrained_checkpoint",
+                                   str(checkpoint), "--is_resume", "false"))
+    assert_ok(result)
+    assert f"from {checkpoint}" in result.stderr
+    assert sorted(step_losses(_run_dir(tmp_path / "runs"))) == [1, 2]
