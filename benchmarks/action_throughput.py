@@ -186,12 +186,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "load_average": {"start": load_before, "end": load_average()}, "rows": rows}
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """The report's machine line (`machine_info`'s fields)."""
+    return (f"machine: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), torch {machine['torch']}, "
+            f"{machine['torch_threads']} threads, device {machine['device']}"
+            + (f" ({machine['gpu']})" if machine["gpu"] else ""))
+
+
 def format_report(results: dict[str, Any]) -> str:
-    machine = results["machine"]
-    lines = [f"date: {results['date']}",
-             f"machine: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), torch {machine['torch']}, "
-             f"{machine['torch_threads']} threads, device {machine['device']}"
-             + (f" ({machine['gpu']})" if machine["gpu"] else ""),
+    lines = [f"date: {results['date']}", machine_line(results["machine"]),
              f"model: {results['model']} (vision {results['vision_backbone']}, LLM {results['llm_backbone']}), "
              f"{results['dtype']}, random weights; tokenizer: {results['tokenizer']}; "
              f"prompt {results['prompt_tokens']} tokens",
@@ -214,11 +217,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if min(args.calls, args.batch_size, args.diffusion_steps, args.chunk_length) < 1 or args.warmup < 0:
         raise SystemExit("--calls, --batch-size, --diffusion-steps and --chunk-length must be >= 1, --warmup >= 0.")
     results = benchmark(args)
-    print(format_report(results), flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    publish(results, format_report(results), args.json)
     return results
+
+
+def publish(results: dict[str, Any], report: str, json_path: Path | None) -> None:
+    """Print the report; write the results as JSON to `json_path` when given."""
+    print(report, flush=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

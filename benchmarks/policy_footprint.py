@@ -43,7 +43,9 @@ from action_throughput import (  # the sibling benchmark's helpers
     build_openvla,
     load_average,
     machine_info,
+    machine_line,
     make_inputs,
+    publish,
     time_calls,
 )
 
@@ -138,11 +140,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_report(results: dict[str, Any]) -> str:
-    machine = results["machine"]
-    lines = [f"date: {results['date']}",
-             f"machine: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), torch {machine['torch']}, "
-             f"{machine['torch_threads']} threads, device {machine['device']}"
-             + (f" ({machine['gpu']})" if machine["gpu"] else ""),
+    lines = [f"date: {results['date']}", machine_line(results["machine"]),
              f"model: {results['model']}, {results['dtype']}, random weights; tokenizer: "
              f"{results['rows'][0]['tokenizer']}; prompt {results['rows'][0]['prompt_tokens']} tokens; "
              f"{results['calls']} timed calls after {results['warmup']} warmup; load average "
@@ -167,10 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.row_json.write_text(json.dumps(row))
         return row
     results = benchmark(args)
-    print(format_report(results), flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    publish(results, format_report(results), args.json)
     return results
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
+from vla_train.models.attention import bidirectional_mask
 from vla_train.models.llm import IGNORE_INDEX, LLMBackbone
 from vla_train.models.vision import VisionBackbone
 from vla_train.models.vlm import PrismaticVLM
@@ -146,6 +147,23 @@ class ChunkVLM(PrismaticVLM):
         if proprio is None:
             raise ValueError(f"This model was built with proprio_dim={self.proprio_dim}: pass proprio [B, Q].")
         return self.proprio_projector(proprio.to(self.proprio_projector.fc1.weight.dtype))[:, None]
+
+    def bidirectional_llm(self, text: torch.Tensor, prefix: torch.Tensor, attention_mask: torch.Tensor | None,
+                          all_layers: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the LLM over `[text[:, :1], prefix [B, N, D], text[:, 1:]]` (text embeddings `[B, T, D]`, `attention_mask
+        [B, T]` its padding), every real token seeing every other. Returns the last hidden state `[B, T + N, D]` or,
+        with `all_layers`, the L + 1 hidden states (the embeddings, then each layer's output; the last after the final
+        norm, as transformers returns them)."""
+        batch, dtype = text.shape[0], text.dtype
+        fused = torch.cat([text[:, :1], prefix.to(dtype), text[:, 1:]], dim=1)
+        if attention_mask is None:
+            attention_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        ones = torch.ones(batch, prefix.shape[1], dtype=attention_mask.dtype, device=attention_mask.device)
+        padding = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        llm = self.llm_backbone.llm
+        mask = bidirectional_mask(padding, dtype, llm.config._attn_implementation)
+        output = llm.model(inputs_embeds=fused, attention_mask=mask, use_cache=False, output_hidden_states=all_layers)
+        return output.hidden_states if all_layers else output.last_hidden_state
 
     def patch_embeddings(self, pixel_values: Cameras,
                          language: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

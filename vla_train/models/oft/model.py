@@ -15,7 +15,6 @@ import re
 import torch
 from torch import nn
 
-from vla_train.models.attention import bidirectional_mask
 from vla_train.models.chunk_vlm import HEAD_INIT_SEED, Cameras, ChunkOutput, ChunkVLM, fresh_generator
 from vla_train.models.llm import IGNORE_INDEX, LLMBackbone
 from vla_train.models.oft.film import FiLMedVisionBackbone, apply_film
@@ -153,14 +152,7 @@ class OFTVLM(ChunkVLM):
             text = embeddings.masked_fill(slots[..., None], 0.0)
         else:
             text = embeddings.masked_scatter(slots[..., None], slot_embeddings.to(dtype))
-        fused = torch.cat([text[:, :1], prefix_embeddings, text[:, 1:]], dim=1)  # [B, T + N, D]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        ones = torch.ones(batch, num_prefix, dtype=attention_mask.dtype, device=attention_mask.device)
-        padding = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
-        llm = self.llm_backbone.llm
-        mask = bidirectional_mask(padding, dtype, llm.config._attn_implementation)
-        hidden = llm.model(inputs_embeds=fused, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = self.bidirectional_llm(text, prefix_embeddings, attention_mask)  # [B, T + N, D]
         rows, positions = slots.nonzero(as_tuple=True)  # row-major: slot k of row b at b * H*A + k
         return hidden[rows, positions + num_prefix - 1].reshape(batch, self.num_action_slots, -1)
 

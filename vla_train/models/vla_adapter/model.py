@@ -17,7 +17,6 @@ here training and inference read the same ones. Loss: L1 on normalized actions o
 import torch
 from torch import nn
 
-from vla_train.models.attention import bidirectional_mask
 from vla_train.models.chunk_vlm import HEAD_INIT_SEED, Cameras, ChunkOutput, ChunkVLM, fresh_generator
 from vla_train.models.llm import LLMBackbone
 from vla_train.models.oft.heads import ProprioProjector, masked_error_sum
@@ -81,15 +80,7 @@ class VLAAdapterVLM(ChunkVLM):
         queries = self.action_queries.weight.to(dtype).repeat(batch, 1)  # [B*N, D], row b's slots in order
         text = embeddings.masked_scatter(slots[..., None], queries)
         num_patches = patches.shape[1]
-        fused = torch.cat([text[:, :1], patches.to(dtype), text[:, 1:]], dim=1)  # [B, T + C*P, D]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        ones = torch.ones(batch, num_patches, dtype=attention_mask.dtype, device=attention_mask.device)
-        padding = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
-        llm = self.llm_backbone.llm
-        mask = bidirectional_mask(padding, dtype, llm.config._attn_implementation)
-        hidden = llm.model(inputs_embeds=fused, attention_mask=mask, use_cache=False,
-                           output_hidden_states=True).hidden_states  # L + 1 tensors [B, T + C*P, D]
+        hidden = self.bidirectional_llm(text, patches, attention_mask, all_layers=True)  # L + 1 x [B, T + C*P, D]
         rows, positions = slots.nonzero(as_tuple=True)  # row-major: slot k of row b at b * N + k
         read = positions + num_patches - 1  # one position before each slot in the fused sequence
         task = [h[:, :num_patches] for h in hidden]
