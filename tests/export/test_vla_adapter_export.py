@@ -115,3 +115,41 @@ def test_a_run_directory_serves_its_chunks(adapter_dirs):
         response = client.post("/act", content=body, headers={"Content-Type": "application/json"})
         assert response.status_code == 200, response.text
         np.testing.assert_array_equal(np.asarray(response.json()), _chunk(model.model, 2))
+
+
+def test_hub_file_names_and_a_policy_without_proprio_import(tmp_path):
+    """Hub releases name their files `<piece>--checkpoint.pt`; a run without proprio has no proprio file."""
+    run_dir = write_tiny_oft_run(MODEL_ID, tmp_path / "run", VLAAdapterPolicyConfig(
+        chunk_length=OFT_H, action_dim=OFT_A, proprio_dim=0, cameras=CAMERAS, num_action_queries=QUERIES), seed=2)
+    hf_dir = export_hf(run_dir, tmp_path / "hf")
+    assert not list(hf_dir.glob("proprio_projector--*"))
+    (hf_dir / "action_head--latest_checkpoint.pt").rename(hf_dir / "action_head--checkpoint.pt")
+    import_hf(hf_dir, tmp_path / "imported", chunk_length=OFT_H, cameras=CAMERAS)
+    assert read_policy_config(tmp_path / "imported").proprio_dim == 0
+    images = pil(camera_images(0))
+    np.testing.assert_array_equal(load_native_oft(tmp_path / "imported").predict_action(images, "wave"),
+                                  load_native_oft(run_dir).predict_action(images, "wave"))
+
+
+def test_incomplete_inputs_are_refused_with_what_is_missing(adapter_dirs, tmp_path):
+    run_dir, hf_dir = adapter_dirs
+    no_head = tmp_path / "no_head"
+    no_head.mkdir()
+    for path in hf_dir.iterdir():
+        if path.is_file() and not path.name.startswith("action_head--"):
+            (no_head / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="no VLA-Adapter action head file"):
+        import_hf(no_head, tmp_path / "imported", chunk_length=OFT_H, cameras=CAMERAS)
+    assert not (tmp_path / "imported").exists()
+
+    base_only = tmp_path / "base_only"  # a VLA-Adapter run directory whose checkpoint holds only the base VLM
+    base_only.mkdir()
+    for name in ("config.json", "dataset_statistics.json"):
+        (base_only / name).write_bytes((run_dir / name).read_bytes())
+    state = torch.load(run_dir / "checkpoints" / "latest-checkpoint.pt", weights_only=True)
+    keep = ("vision_backbone", "projector", "llm_backbone")
+    (base_only / "checkpoints").mkdir()
+    torch.save({"model": {k: v for k, v in state["model"].items() if k in keep}},
+               base_only / "checkpoints" / "latest-checkpoint.pt")
+    with pytest.raises(ValueError, match="needs the trained ActionQueries"):
+        export_hf(base_only, tmp_path / "hf_refused")

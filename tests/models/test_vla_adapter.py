@@ -113,6 +113,15 @@ def test_block_i_reads_layer_i_plus_one_and_the_query_noise_is_training_only():
         head.predict_action(task[:2], queries[:2], proprio)
 
 
+def test_the_training_query_input_is_one_shared_draw_of_std_0_02():
+    head = BridgeActionHead(64, A, H, num_blocks=1, num_heads=HEADS)
+    x = head.query_input(3, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(0))
+    assert x.shape == (3, H, A * 64)
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])  # one [H, A*D] draw broadcast over the batch
+    assert abs(x[0].mean().item()) < 0.005 and abs(x[0].std().item() - 0.02) < 0.002
+    assert not head.query_input(2, torch.device("cpu"), torch.float32).any()  # evaluation: zeros
+
+
 def test_head_keys_are_upstreams():
     keys = set(BridgeActionHead(D, A, H, num_blocks=1, num_heads=HEADS).state_dict())
     block = {k.removeprefix("model.mlp_resnet_blocks.0.") for k in keys if k.startswith("model.mlp_resnet_blocks.0.")}

@@ -126,7 +126,11 @@ def test_bad_options_are_refused_by_name(option, value, message):
 def test_token_counts_include_every_camera_and_the_extra_tokens(model, rgb_image):
     collate = PaddedCollatorForActionPrediction(512, model.llm_backbone.get_tokenizer().pad_token_id)
     batch = collate(_items(model, rgb_image)[:2])
-    counts = _policy(head="diffusion").token_counts(model, batch)
+    counts = _policy().token_counts(model, batch)
     text = int(batch["attention_mask"].sum())
     assert counts.samples == 2 and counts.supervised == 2 * H * A
-    assert int(counts.positions) == text + 2 * (2 * model.num_patches + 1 + 1)
+    assert int(counts.positions) == text + 2 * (2 * model.num_patches + 1)  # + the proprio token
+    diffusion = _policy(head="diffusion").config.build_model(build_tiny(MODEL_ID, vla=True))
+    assert diffusion.num_extra_prefix_tokens == 2  # proprio and timestep tokens
+    assert int(_policy(head="diffusion").token_counts(diffusion, batch).positions) == \
+        text + 2 * (2 * model.num_patches + 2)

@@ -167,3 +167,27 @@ def test_vla_adapters_bridge_blocks_are_checkpointed_units_with_the_plain_models
     assert grads.keys() == reference.keys() and "action_queries.weight" in grads
     for name, grad in reference.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_vla_adapters_bridge_blocks_compute_in_bf16_and_reduce_in_fp32(process_group):
+    """Under mixed precision each Bridge unit runs in bf16 (its output dtype), its FP32 master gradients come back
+    FP32, and the loss stays within bf16 error of the FP32 model's."""
+    from vla_train.config.policy import VLAAdapterPolicyConfig
+
+    config = VLAAdapterPolicyConfig(chunk_length=3, action_dim=7, proprio_dim=4, num_action_queries=5)
+    plain = config.build_model(build_tiny("tiny-dinosiglip+tiny-qwen25", vla=True))
+    model = config.build_model(build_tiny("tiny-dinosiglip+tiny-qwen25", vla=True))
+    model.load_state_dict(plain.state_dict())
+    parallelize_vlm(model, CPU_CONTEXT, strategy="full-shard", stage="vla-full-train", mixed_precision=True)
+    dtypes = []
+    handle = model.action_head.model.mlp_resnet_blocks[0].register_forward_hook(
+        lambda module, args, output: dtypes.append(output.dtype))
+    batch = _adapter_batch(plain)
+    got = model(**batch, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    got.loss.backward()
+    expected = plain(**batch, generator=torch.Generator().manual_seed(0)).loss
+    assert dtypes == [torch.bfloat16]
+    torch.testing.assert_close(got.loss.float(), expected, rtol=5e-2, atol=5e-3)
+    grad = model.action_head.model.mlp_resnet_blocks[0].q_proj.weight.grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad.full_tensor()).all()

@@ -152,6 +152,11 @@ class VLAAdapterPolicyConfig(PolicyConfig):
                              "primary + wrist).")
 
 
+def policy_section(policy: PolicyConfig) -> dict[str, Any]:
+    """The config.json `vla.policy` section of `policy`, as a training run writes it (with its registry `type`)."""
+    return {"type": policy.family, **draccus.encode(policy)}
+
+
 def default_policy() -> PolicyConfig:
     return OpenVLAPolicyConfig()
 

@@ -344,7 +344,8 @@ def _write_hf_dir(model: PrismaticPreTrainedModel, hf_state: dict[str, torch.Ten
 def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, dtype: str = "fp32",
               overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
     """Export `run_dir`'s checkpoint (latest, or `step`) to `out_dir` as a Hugging Face directory; returns out_dir.
-    The run's policy picks the layout: `openvla` (token actions), `oft` (action chunks, `build_oft_export`)."""
+    The run's policy picks the layout: `openvla` (token actions), `oft` (action chunks, `build_oft_export`),
+    `vla-adapter` (the OpenVLA layout + ActionQueries, with VLA-Adapter's files beside it)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}. Fix: pass --dtype one of {sorted(DTYPES)}.")
@@ -374,7 +375,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = No
     with torch.device("meta"):
         model = OpenVLAForActionPrediction(config)
     if isinstance(policy, VLAAdapterPolicyConfig):  # VLA-Adapter's merged model: the VLM + its ActionQueries
-        hf_state |= add_action_queries(model, modules, checkpoint, DTYPES[dtype])
+        hf_state |= add_action_queries(model, policy, vlm, modules, checkpoint, DTYPES[dtype])
     _write_hf_dir(model, hf_state, AUTO_MAP, REMOTE_MODULES, vlm, run_dir, out_dir, checkpoint, max_shard_size)
     if isinstance(policy, VLAAdapterPolicyConfig):
         write_vla_adapter_checkpoint({f"{key}.{name}": tensor for key in ("action_head", "proprio_projector")

@@ -29,9 +29,10 @@ from safetensors.torch import load_file
 
 from vla_train.atomic_io import atomic_torch_save, atomic_write_json
 from vla_train.config.model import ModelConfig, model_config_from_fields, model_config_section
+from vla_train.config.policy import policy_section
 from vla_train.export.hf import DATASET_STATISTICS, export_text_config, text_config_as_written
 from vla_train.export.keys import MODULE_KEYS, hf_to_native
-from vla_train.export.oft_import import has_oft_files, oft_modules, policy_section
+from vla_train.export.oft_import import has_oft_files, oft_modules
 from vla_train.export.vla_adapter_files import ACTION_QUERIES_KEY, vla_adapter_modules
 from vla_train.log import logger
 from vla_train.models.build import build_vlm

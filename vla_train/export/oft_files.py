@@ -1,8 +1,9 @@
 """OpenVLA-OFT's per-step checkpoint files: write them beside a checkpoint, read them back, load them into an `OFTVLM`.
 
 OFT saves, in each checkpoint directory, `<piece>--<step>_checkpoint.pt` (`<step>` an integer training step, or
-`latest` when it keeps only the latest) for each piece in `OFT_PIECES`, plus `dataset_statistics.json`; its evaluation
-code finds a piece by its stem and loads it by name. Layouts (all tensors fp32 on CPU when written here):
+`latest` when it keeps only the latest; Hub releases: `<piece>--checkpoint.pt`) for each piece in `OFT_PIECES`, plus
+`dataset_statistics.json`; its evaluation code finds a piece by its stem and loads it by name (VLA-Adapter uses the
+same conventions for its `action_head` and `proprio_projector`). Layouts (all tensors fp32 on CPU when written here):
 - `action_head`: L1 head `model.{layer_norm1, fc1, mlp_resnet_blocks.{i}.ffn.{0,1}, layer_norm2, fc2}.*`, diffusion
   head `noise_predictor.mlp_resnet.{...same...}.*` (our module's own keys, see `vla_train/models/oft/heads.py`);
 - `proprio_projector`, `noisy_action_projector` (diffusion only): `fc1.*`, `fc2.*`;
@@ -41,7 +42,9 @@ DATASET_STATISTICS = "dataset_statistics.json"
 LATEST = "latest"
 DDP_PREFIX = "module."
 VISION_PREFIX = "vision_backbone."
-_FILE_PATTERN = re.compile(rf"^({'|'.join(OFT_PIECES)})--(\d+|{LATEST})_checkpoint\.pt$")
+# `<piece>--<step>_checkpoint.pt`, `<piece>--latest_checkpoint.pt`, or (released on the Hugging Face Hub by OFT and
+# VLA-Adapter) `<piece>--checkpoint.pt`, read as the latest.
+_FILE_PATTERN = re.compile(rf"^({'|'.join(OFT_PIECES)})--(?:(\d+|{LATEST})_)?checkpoint\.pt$")
 State = dict[str, torch.Tensor]
 Step = int | str
 
@@ -105,7 +108,7 @@ def _found_steps(directory: Path) -> dict[Step, list[str]]:
     for path in sorted(directory.iterdir()):
         match = _FILE_PATTERN.match(path.name)
         if match:
-            step = match.group(2)
+            step = match.group(2) or LATEST
             found.setdefault(int(step) if step.isdigit() else step, []).append(path.name)
     return found
 
@@ -126,8 +129,16 @@ def find_oft_step(directory: Path, step: Step | None = None) -> Step:
     what = (f"steps {sorted(found, key=str)} ({sum(map(len, found.values()))} files)" if found
             else f"no '<piece>--<step>_checkpoint.pt' file among {present[:12]}{' ...' if len(present) > 12 else ''}")
     wanted = f"for step {step!r}" if step is not None else "at any step"
-    raise FileNotFoundError(f"No OpenVLA-OFT checkpoint files {wanted} in {directory}: found {what}. Pass one of the "
-                            f"steps found, or the directory that holds e.g. {oft_file_name('action_head', 1000)}.")
+    raise FileNotFoundError(f"No OpenVLA-OFT / VLA-Adapter checkpoint files {wanted} in {directory}: found {what}. "
+                            f"Pass one of the steps found, or the directory that holds e.g. "
+                            f"{oft_file_name('action_head', 1000)}.")
+
+
+def piece_path(directory: Path, piece: str, step: Step) -> Path:
+    """The file of `piece` at `step` in `directory`; for the latest, the Hub's step-less name when only it exists."""
+    path = Path(directory) / oft_file_name(piece, step)
+    stepless = Path(directory) / f"{piece}--checkpoint.pt"
+    return stepless if step == LATEST and not path.is_file() and stepless.is_file() else path
 
 
 def _read_state(path: Path) -> State:
@@ -150,7 +161,7 @@ def read_oft_step_files(directory: Path, step: Step | None = None) -> dict[str, 
     `find_oft_step(directory, step)`."""
     directory = Path(directory)
     found = find_oft_step(directory, step)
-    paths = {piece: directory / oft_file_name(piece, found) for piece in OFT_PIECES}
+    paths = {piece: piece_path(directory, piece, found) for piece in OFT_PIECES}
     return {piece: _read_state(path) for piece, path in paths.items() if path.is_file()}
 
 
@@ -223,7 +234,7 @@ def load_oft_step_files(model: "OFTVLM", directory: Path, step: Step | None = No
     directory = Path(directory)
     found = find_oft_step(directory, step)
     states, modules = read_oft_step_files(directory, found), _model_pieces(model)
-    path = {piece: directory / oft_file_name(piece, found) for piece in OFT_PIECES}
+    path = {piece: piece_path(directory, piece, found) for piece in OFT_PIECES}
     for piece, state in states.items():
         if modules[piece] is None:
             hint = _extra_piece_hint(piece, state)

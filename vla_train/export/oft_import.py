@@ -11,7 +11,6 @@ the `oft` policy and whose checkpoint holds every module, checked against the mo
 
 from pathlib import Path
 
-import draccus
 import torch
 
 from vla_train.config.model import ModelConfig
@@ -70,8 +69,3 @@ def oft_modules(directory: Path, model_cfg: ModelConfig, chunk_length: int | Non
         check_module_state(expected, state, piece, directory)
         modules[piece] = {key: tensor.to(torch.float32) for key, tensor in state.items()}
     return policy, modules
-
-
-def policy_section(policy: OFTPolicyConfig) -> dict:
-    """The config.json `vla.policy` section (with its registry `type`, as a training run writes it)."""
-    return {"type": policy.family, **draccus.encode(policy)}

@@ -15,13 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import draccus
 import numpy as np
 import torch
 
 from vla_train.atomic_io import atomic_torch_save
 from vla_train.config.model import get_model_config, model_config_section
-from vla_train.config.policy import OFTPolicyConfig, VLAAdapterPolicyConfig
+from vla_train.config.policy import OFTPolicyConfig, VLAAdapterPolicyConfig, policy_section
 from vla_train.models.build import build_vlm
 from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT
 
@@ -48,11 +47,6 @@ def demo_oft_norm_stats(action_dim: int, proprio_dim: int, seed: int = 0) -> dic
         proprio["min"][-1] = proprio["max"][-1] = 0.25
         stats["proprio"] = proprio
     return {UNNORM_KEY: stats}
-
-
-def policy_section(policy: ChunkPolicyConfig) -> dict[str, Any]:
-    """`config.json["vla"]["policy"]` as training writes it (draccus-encoded, with its registry `type`)."""
-    return {"type": policy.family, **draccus.encode(policy)}
 
 
 def write_tiny_oft_run(model_id: str, run_dir: str | Path, policy: ChunkPolicyConfig, *, noise: float = 0.05,

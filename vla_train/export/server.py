@@ -365,12 +365,9 @@ def load_run_dir_model(run_dir: Path, *, step: int | None = None, device: str = 
     vla = load_run_dir(Path(run_dir), vla=True, norm_stats=json.loads(stats_path.read_text()),
                        llm_hf_dir=llm_hf_dir, inference_mode=True, checkpoint=find_checkpoint(Path(run_dir), step))
     policy = read_policy_config(run_dir)
-    if isinstance(policy, OFTPolicyConfig):
+    if isinstance(policy, OFTPolicyConfig | VLAAdapterPolicyConfig):  # VLA-Adapter: deterministic, as OFT's L1 head
         chunk = ChunkPolicy(tuple(policy.cameras), policy.proprio_dim, policy.chunk_length, policy.action_dim,
-                            policy.head, policy.num_diffusion_steps_inference)
-        return OFTActionModel(vla.to(device), chunk)
-    if isinstance(policy, VLAAdapterPolicyConfig):  # deterministic chunks, as OFT's L1 head
-        chunk = ChunkPolicy(tuple(policy.cameras), policy.proprio_dim, policy.chunk_length, policy.action_dim, "l1", 1)
+                            getattr(policy, "head", "l1"), getattr(policy, "num_diffusion_steps_inference", 1))
         return OFTActionModel(vla.to(device), chunk)
     if policy.family != "openvla":
         raise ValueError(f"{run_dir} trains the {policy.family!r} policy; the server serves 'openvla', 'oft' and "

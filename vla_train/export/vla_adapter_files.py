@@ -13,7 +13,6 @@ files, and drop it on read. Reading strips DDP's `module.` prefix (`export/oft_f
 from pathlib import Path
 from typing import Any
 
-import draccus
 import torch
 
 from vla_train.config.lora import LoRAConfig
@@ -71,11 +70,6 @@ def write_vla_adapter_checkpoint(full_state: State, directory: Path, step: int |
     return paths
 
 
-def has_vla_adapter_weights(hf_state: State) -> bool:
-    """Whether an OpenVLA-format model's weights hold VLA-Adapter's ActionQueries."""
-    return ACTION_QUERIES_KEY in hf_state
-
-
 def policy_from_files(states: dict[str, State], action_queries: torch.Tensor, chunk_length: int | None,
                       cameras: list[str] | None, directory: Path) -> VLAAdapterPolicyConfig:
     """The `vla-adapter` policy the files describe, with the given chunk length and cameras (required)."""
@@ -87,6 +81,9 @@ def policy_from_files(states: dict[str, State], action_queries: torch.Tensor, ch
         raise ValueError(f"{directory}: no VLA-Adapter action head file (action_head--<step>_checkpoint.pt with "
                          "model.mlp_resnet_blocks.<i>.q_proj.*) beside the ActionQuery weights.")
     proprio = states.get("proprio_projector")
+    if proprio is not None and "fc1.weight" not in proprio:
+        raise ValueError(f"{directory}: the proprio_projector file lacks fc1.weight (has {sorted(proprio)[:6]}): not "
+                         "a VLA-Adapter ProprioProjector.")
     policy = VLAAdapterPolicyConfig(
         chunk_length=chunk_length, action_dim=head["model.fc2.weight"].shape[0],
         proprio_dim=0 if proprio is None else proprio["fc1.weight"].shape[1], cameras=list(cameras),
@@ -116,11 +113,6 @@ def vla_adapter_modules(directory: Path, model_cfg: ModelConfig, action_queries:
     return policy, modules
 
 
-def policy_section(policy: VLAAdapterPolicyConfig) -> dict[str, Any]:
-    """The config.json `vla.policy` section (with its registry `type`, as a training run writes it)."""
-    return {"type": policy.family, **draccus.encode(policy)}
-
-
 def step_of(checkpoint: Path) -> int | str:
     """The training step in a checkpoint file's name (`step-000006-epoch-...pt`), else `latest`."""
     from vla_train.training.checkpoint_io import parse_checkpoint_name  # lazy: the training package is heavier
@@ -129,14 +121,21 @@ def step_of(checkpoint: Path) -> int | str:
     return parsed[0] if parsed else "latest"
 
 
-def add_action_queries(model: torch.nn.Module, modules: dict[str, State], checkpoint: Path,
-                       dtype: torch.dtype) -> State:
-    """Give the meta-device HF `model` VLA-Adapter's `action_queries` Embedding (as its modeling code has); returns
-    the exported tensors `{"action_queries.weight": [N, D]}`. A checkpoint without the trained modules is refused."""
-    missing = [key for key in ("action_queries", "action_head") if key not in modules]
+def add_action_queries(model: torch.nn.Module, policy: VLAAdapterPolicyConfig, vlm: torch.nn.Module,
+                       modules: dict[str, State], checkpoint: Path, dtype: torch.dtype) -> State:
+    """Check the checkpoint's VLA-Adapter modules against the policy's model (built on the meta device around the
+    exported `vlm`), give the meta-device HF `model` the `action_queries` Embedding (as VLA-Adapter's modeling code
+    has; our remote code ignores it), and return the exported tensors `{"action_queries.weight": [N, D]}`."""
+    with torch.device("meta"):
+        adapter = policy.build_model(vlm)
+    missing = [key for key in adapter.present_new_module_keys if key not in modules]
     if missing:
         raise ValueError(f"{checkpoint} lacks {['model.' + key for key in missing]} (has {sorted(modules)}): a "
-                         "VLA-Adapter export needs the trained ActionQueries and policy, as its training saves them.")
+                         "VLA-Adapter export needs the trained ActionQueries, policy and projector, as training saves "
+                         "them.")
+    for key in adapter.present_new_module_keys:
+        expected = {name: tensor.shape for name, tensor in getattr(adapter, key).state_dict().items()}
+        check_module_state(expected, modules[key], key, checkpoint)
     weight = modules["action_queries"]["weight"]
     with torch.device("meta"):
         model.action_queries = torch.nn.Embedding(*weight.shape)

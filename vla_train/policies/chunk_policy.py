@@ -1,6 +1,7 @@
 """What the action-chunk policies share (OpenVLA-OFT, VLA-Adapter): their data needs, the data check against the
-mixture's statistics, the collator, the loss weight (valid chunk elements) and the chunk metrics with the mean-action
-baseline. A family subclass adds its processor, its forward and its checkpoint files.
+mixture's statistics, the processor and collator, the loss weight (valid chunk elements), the forward through the
+model, the chunk metrics with the mean-action baseline and the token counts. A family subclass sets its options
+(`transform_options`, `forward_options`, `num_slots`) and writes its checkpoint files.
 """
 
 from collections.abc import Sequence
@@ -15,8 +16,10 @@ from vla_train.data.collator import PaddedCollatorForActionPrediction
 from vla_train.data.normalization import normalize_np
 from vla_train.data.sample import DataNeeds
 from vla_train.models.chunk_vlm import check_action_slots
-from vla_train.policies.base import Batch, Policy
+from vla_train.policies.base import Batch, Policy, PolicyOutput, TokenCounts
 from vla_train.policies.chunk_metrics import ChunkMetrics
+from vla_train.policies.chunk_processor import ChunkBatchTransform
+from vla_train.policies.openvla import model_action_tokenizer
 
 
 def camera_list(pixel_values: torch.Tensor | dict[str, torch.Tensor]) -> list[Any]:
@@ -64,6 +67,36 @@ class BaseChunkPolicy(Policy):
     def num_slots(self) -> int:
         """Supervised slot positions each sample's labels must have (OFT: H*A)."""
         return self.config.chunk_length * self.config.action_dim
+
+    def transform_options(self, model: nn.Module) -> dict[str, Any]:
+        """Extra `ChunkBatchTransform` fields of the family (OFT: none, the chunk's action tokens are the answer)."""
+        return {}
+
+    def forward_options(self, model: nn.Module) -> dict[str, Any]:
+        """Extra keyword arguments of the model's training / evaluation forward."""
+        return {}
+
+    def batch_transform(self, model: nn.Module) -> ChunkBatchTransform:
+        llm = model.llm_backbone
+        return ChunkBatchTransform(model_action_tokenizer(model), llm.get_tokenizer(),
+                                   model.vision_backbone.get_image_transform(), llm.prompt_builder_fn, self.needs,
+                                   **self.transform_options(model))
+
+    def forward(self, model: nn.Module, inputs: Batch, normalizer: float | None) -> PolicyOutput:
+        output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       pixel_values=camera_list(inputs["pixel_values"]), labels=inputs["labels"],
+                       actions=inputs["actions"], action_mask=inputs["action_mask"], proprio=inputs.get("proprio"),
+                       normalizer=normalizer, check_slots=False, **self.forward_options(model))
+        return PolicyOutput(loss=output.loss, loss_weight=output.count, output=output)
+
+    def token_counts(self, model: nn.Module, inputs: Batch) -> TokenCounts:
+        """LLM positions = text (slots included) + patches of every camera + the family's extra prefix tokens;
+        supervised = the slots."""
+        labels = inputs["labels"]
+        text_lengths = inputs["attention_mask"].sum(dim=1)
+        extra = len(self.config.cameras) * model.num_patches + model.num_extra_prefix_tokens
+        return TokenCounts(samples=labels.shape[0], positions=text_lengths.sum() + labels.shape[0] * extra,
+                           supervised=labels.shape[0] * self.num_slots(), text_lengths=text_lengths)
 
     def collator(self, model: nn.Module) -> PaddedCollatorForActionPrediction:
         tokenizer = model.llm_backbone.get_tokenizer()

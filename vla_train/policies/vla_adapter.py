@@ -15,10 +15,7 @@ from torch import nn
 
 from vla_train.config.policy import VLAAdapterPolicyConfig
 from vla_train.export.vla_adapter_files import write_vla_adapter_checkpoint
-from vla_train.policies.base import Batch, PolicyOutput, TokenCounts
-from vla_train.policies.chunk_policy import BaseChunkPolicy, camera_list
-from vla_train.policies.chunk_processor import ChunkBatchTransform
-from vla_train.policies.openvla import model_action_tokenizer
+from vla_train.policies.chunk_policy import BaseChunkPolicy
 
 
 class VLAAdapterPolicy(BaseChunkPolicy):
@@ -27,11 +24,9 @@ class VLAAdapterPolicy(BaseChunkPolicy):
     def num_slots(self) -> int:
         return self.config.num_action_queries
 
-    def batch_transform(self, model: nn.Module) -> ChunkBatchTransform:
-        llm = model.llm_backbone
-        return ChunkBatchTransform(model_action_tokenizer(model), llm.get_tokenizer(),
-                                   model.vision_backbone.get_image_transform(), llm.prompt_builder_fn, self.needs,
-                                   num_queries=self.config.num_action_queries, placeholder_id=model.placeholder_id)
+    def transform_options(self, model: nn.Module) -> dict[str, Any]:
+        """N placeholder ids (their embeddings become the ActionQueries) and no stop ids."""
+        return {"num_queries": self.config.num_action_queries, "placeholder_id": model.placeholder_id}
 
     def write_checkpoint_files(self, model: nn.Module, full_state: dict[str, torch.Tensor], directory: Path, step: int,
                                dataset_statistics: dict[str, Any]) -> None:
@@ -40,18 +35,3 @@ class VLAAdapterPolicy(BaseChunkPolicy):
         write_vla_adapter_checkpoint(full_state, directory, step, pro=model.pro,
                                      featurizer_keys=model.vision_backbone.keys, lora=model.lora,
                                      dataset_statistics=dataset_statistics)
-
-    def forward(self, model: nn.Module, inputs: Batch, normalizer: float | None) -> PolicyOutput:
-        output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       pixel_values=camera_list(inputs["pixel_values"]), labels=inputs["labels"],
-                       actions=inputs["actions"], action_mask=inputs["action_mask"], proprio=inputs.get("proprio"),
-                       normalizer=normalizer, check_slots=False)
-        return PolicyOutput(loss=output.loss, loss_weight=output.count, output=output)
-
-    def token_counts(self, model: nn.Module, inputs: Batch) -> TokenCounts:
-        """LLM positions = text (with the N placeholders) + patches of every camera; supervised = the queries."""
-        labels = inputs["labels"]
-        text_lengths = inputs["attention_mask"].sum(dim=1)
-        extra = len(self.config.cameras) * model.num_patches
-        return TokenCounts(samples=labels.shape[0], positions=text_lengths.sum() + labels.shape[0] * extra,
-                           supervised=labels.shape[0] * self.config.num_action_queries, text_lengths=text_lengths)

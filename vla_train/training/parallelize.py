@@ -73,8 +73,8 @@ def _fully_shard_units(vlm: PrismaticVLM, mesh: DeviceMesh, policy: MixedPrecisi
 # torch 2.14 warns whenever an FSDP2 unit returns a view (a featurizer's patch tokens are a slice of its output, a
 # Linear on [B, P, D] returns a reshaped view): an in-place op on it would skip the pre-backward hook. Our consumers are
 # out of place (`torch.cat`, `Linear`, `.to`), which tests/training/test_accumulation.py checks through the gradients.
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(VisionTransformer|\w*Projector|OFTVLM|"
-                        r"VLAAdapterVLM)\) returned a view tensor")
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(VisionTransformer|\w*Projector|\w*VLM)\) "
+                        r"returned a view tensor")
 
 
 def cast_frozen_to_bf16(model: nn.Module) -> None:
