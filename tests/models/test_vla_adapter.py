@@ -244,3 +244,23 @@ def test_meta_built_model_gets_its_initial_state_from_added_state():
         assert torch.equal(added[key], state[key]), key
     assert not np.any(added["action_queries.weight"].numpy())
     assert set(cpu.always_trainable()) >= {cpu.action_queries.weight}
+
+
+def test_inference_query_noise_feeds_the_training_distribution(model, rgb_image):
+    """Upstream predicts from zeros (LayerNorm -> its bias, never seen in training); `inference_query_noise` draws the
+    training noise once from the call's generator: seeded, hence reproducible."""
+    input_ids, mask, labels, pixels = _batch(model, rgb_image)
+    proprio = torch.randn(2, 4)
+    zeros = model.predict_action_chunk(input_ids, mask, pixels, proprio, labels=labels)
+    model.inference_query_noise = True
+    try:
+        first = model.predict_action_chunk(input_ids, mask, pixels, proprio, labels=labels,
+                                           generator=torch.Generator().manual_seed(3))
+        again = model.predict_action_chunk(input_ids, mask, pixels, proprio, labels=labels,
+                                           generator=torch.Generator().manual_seed(3))
+        default = model.predict_action_chunk(input_ids, mask, pixels, proprio, labels=labels)
+    finally:
+        model.inference_query_noise = False
+    assert torch.equal(first, again) and not torch.allclose(first, zeros) and not torch.allclose(default, zeros)
+    config = VLAAdapterPolicyConfig(chunk_length=H, action_dim=A, num_action_queries=N, inference_query_noise=True)
+    assert config.build_model(build_tiny(MODEL_ID, vla=True)).inference_query_noise

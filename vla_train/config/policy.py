@@ -123,6 +123,9 @@ class VLAAdapterPolicyConfig(PolicyConfig):
     num_action_queries: int = 64  # N: ActionQuery tokens (upstream: 64)
     block: str = "pro"  # "pro" (VLA-Adapter-Pro's Bridge block, RoPE, upstream default) or "original"
     num_heads: int = 8  # attention heads of each Bridge block (upstream: 8)
+    # Inference feeds the policy the training distribution's query input (one seeded N(0, 0.02) draw) instead of
+    # upstream's zeros, which the first LayerNorm maps to its bias, an input training never shows it.
+    inference_query_noise: bool = False
 
     def build(self) -> "Policy":
         from vla_train.policies.vla_adapter import VLAAdapterPolicy  # lazy: the model stack imports transformers
@@ -134,7 +137,8 @@ class VLAAdapterPolicyConfig(PolicyConfig):
 
         return VLAAdapterVLM.from_vlm(vlm, action_dim=self.action_dim, chunk_length=self.chunk_length,
                                       proprio_dim=self.proprio_dim or None, num_action_queries=self.num_action_queries,
-                                      pro=self.block == "pro", num_heads=self.num_heads)
+                                      pro=self.block == "pro", num_heads=self.num_heads,
+                                      inference_query_noise=self.inference_query_noise)
 
     def camera_roles(self) -> list[str]:
         return list(self.cameras)

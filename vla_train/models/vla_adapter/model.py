@@ -36,12 +36,13 @@ class VLAAdapterVLM(ChunkVLM):
 
     def __init__(self, model_id: str, vision_backbone: VisionBackbone, llm_backbone: LLMBackbone, *, action_dim: int,
                  chunk_length: int, proprio_dim: int | None = None, num_action_queries: int = 64, pro: bool = True,
-                 num_heads: int = 8, arch_specifier: str = "gelu-mlp", enable_mixed_precision_training: bool = True,
-                 init_seed: int = HEAD_INIT_SEED) -> None:
+                 num_heads: int = 8, inference_query_noise: bool = False, arch_specifier: str = "gelu-mlp",
+                 enable_mixed_precision_training: bool = True, init_seed: int = HEAD_INIT_SEED) -> None:
         super().__init__(model_id, vision_backbone, llm_backbone, action_dim=action_dim, chunk_length=chunk_length,
                          proprio_dim=proprio_dim, arch_specifier=arch_specifier,
                          enable_mixed_precision_training=enable_mixed_precision_training, init_seed=init_seed)
         self.num_action_queries, self.pro, self.num_heads = num_action_queries, pro, num_heads
+        self.inference_query_noise = inference_query_noise
         self.num_policy_blocks = llm_backbone.llm.config.num_hidden_layers
         self._add_new_modules()
 
@@ -104,10 +105,11 @@ class VLAAdapterVLM(ChunkVLM):
                 generator: torch.Generator | None = None, check_slots: bool = True) -> ChunkOutput:
         """Actions `[B, H, A]` (normalized), `action_mask [B, H]` (True = valid step), `proprio [B, Q]`.
         loss = sum |pred - actions| over valid elements / `normalizer` (default: this batch's count = mean). In
-        training mode the query input gets its N(0, 0.02) noise from `generator` (default: from the global RNG)."""
+        training mode (and with `inference_query_noise`) the query input gets its N(0, 0.02) noise from `generator`
+        (default: from the global RNG)."""
         slots = self.action_slot_mask(labels, check=check_slots)
         noise = None
-        if self.training:
+        if self.training or self.inference_query_noise:
             noise = generator if generator is not None else fresh_generator(input_ids.device)
         predicted = self._predict(input_ids, attention_mask, pixel_values, slots, proprio, noise)
         if actions is None:
@@ -122,9 +124,14 @@ class VLAAdapterVLM(ChunkVLM):
                              pixel_values: Cameras, proprio: torch.Tensor | None = None,
                              labels: torch.LongTensor | None = None, generator: torch.Generator | None = None,
                              num_inference_steps: int | None = None) -> torch.Tensor:
-        """Normalized actions `[B, H, A]` in one forward, without the training noise. Without `labels`,
-        `input_ids` are right-padded prompt prefixes and the N placeholders are appended (`append_action_slots`)."""
+        """Normalized actions `[B, H, A]` in one forward: the query input is zeros (upstream), or with
+        `inference_query_noise` one N(0, 0.02) draw from `generator` (default: seed 0), as in training. Without
+        `labels`, `input_ids` are right-padded prompt prefixes and the N placeholders are appended
+        (`append_action_slots`)."""
         if labels is None:
             input_ids, attention_mask, labels = self.append_action_slots(input_ids, attention_mask)
         slots = self.action_slot_mask(labels)
-        return self._predict(input_ids, attention_mask, pixel_values, slots, proprio, None)
+        noise = None
+        if self.inference_query_noise:
+            noise = generator if generator is not None else torch.Generator(input_ids.device).manual_seed(0)
+        return self._predict(input_ids, attention_mask, pixel_values, slots, proprio, noise)
