@@ -87,27 +87,17 @@ def _tiny_policy() -> PolicyConfig:
 
 @VLAConfig.register_subclass("tiny-vla-adapter")
 @dataclass
-class TinyVLAAdapter(VLAConfig):
+class TinyVLAAdapter(VLAAdapter_LIBERO_Spatial):
     """Tests and the demo: the tiny Qwen base VLM as a VLA-Adapter policy on `demo_libero`, 2 processes, LoRA r=8."""
 
     vla_id: str = "tiny-vla-adapter"
     base_vlm: str | Path = "tiny-dinosiglip+tiny-qwen25"
-    freeze_vision_backbone: bool = False
-    freeze_llm_backbone: bool = False
-    unfreeze_last_llm_layer: bool = False
     data_mix: str = "demo_libero"
     shuffle_buffer_size: int = 64
-    epochs: int = 1000
     max_steps: int | None = 6
     expected_world_size: int = 2
     global_batch_size: int = 4
     per_device_batch_size: int = 2
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "step-decay"
-    warmup_ratio: float = 0.0
-    train_strategy: str = "full-shard"
     policy: PolicyConfig = field(default_factory=_tiny_policy)
     lr_decay_steps: int | None = 4
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(enabled=True, rank=8, alpha=16))
