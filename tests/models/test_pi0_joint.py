@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaModel
 
-from vla_train.models.attention import block_causal_pattern
+from vla_train.models.attention import attend_to_self_when_empty, block_causal_pattern
 from vla_train.models.pi0.joint import JointGemma
 
 B, PREFIX, SUFFIX = 2, 7, 4
@@ -35,9 +35,7 @@ def _layout() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pad[1, PREFIX - 2:PREFIX] = False
     ar = torch.zeros(B, PREFIX + SUFFIX, dtype=torch.long)
     ar[:, PREFIX] = ar[:, PREFIX + 1] = 1  # the state its own block, then the actions one block
-    pattern = block_causal_pattern(ar, pad)
-    pattern = pattern | (~pattern.any(-1, keepdim=True) & torch.eye(PREFIX + SUFFIX, dtype=torch.bool))
-    return pattern, pad.long().cumsum(1) - 1, pad
+    return attend_to_self_when_empty(block_causal_pattern(ar, pad)), pad.long().cumsum(1) - 1, pad
 
 
 def _embeddings(width_prefix: int, width_suffix: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +96,15 @@ def _reference(joint: JointGemma, prefix, suffix, pattern, positions) -> tuple[t
     return (rms(joint.vlm.norm.double(), hidden[0]).float(), rms(joint.expert.norm.double(), hidden[1]).float())
 
 
-def test_experts_of_different_widths_equal_the_explicit_computation():
+def _different_widths(seed: int) -> JointGemma:
+    """A VLM of width 32 beside an expert of width 24, random weights."""
     joint = JointGemma(_config(32, 64), _config(24, 48)).eval()
-    _randomize(joint, 1)
+    _randomize(joint, seed)
+    return joint
+
+
+def test_experts_of_different_widths_equal_the_explicit_computation():
+    joint = _different_widths(1)
     pattern, positions, pad = _layout()
     prefix, suffix = _embeddings(32, 24)
     prefix_out, suffix_out, _ = joint(prefix, suffix, pattern[:, None], positions)
@@ -111,8 +115,7 @@ def test_experts_of_different_widths_equal_the_explicit_computation():
 
 
 def test_a_cached_prefix_then_the_suffix_alone_equals_the_joint_pass():
-    joint = JointGemma(_config(32, 64), _config(24, 48)).eval()
-    _randomize(joint, 2)
+    joint = _different_widths(2)
     pattern, positions, _ = _layout()
     prefix, suffix = _embeddings(32, 24)
     _, full_suffix, _ = joint(prefix, suffix, pattern[:, None], positions)

@@ -39,13 +39,13 @@ from vla_train.export.hf_remote.configuration_prismatic import OpenVLAConfig
 from vla_train.export.hf_remote.modeling_prismatic import OpenVLAForActionPrediction, PrismaticPreTrainedModel
 from vla_train.export.hf_remote.processing_prismatic import PrismaticImageProcessor, PrismaticProcessor
 from vla_train.export.keys import MODULE_KEYS, native_to_hf
-from vla_train.export.vla_adapter_files import add_action_queries, step_of, write_vla_adapter_checkpoint
+from vla_train.export.vla_adapter_files import add_action_queries, step_of, write_vla_adapter_files
 from vla_train.log import logger
 from vla_train.models.build import build_vlm
 from vla_train.models.llm import PAD_TO_MULTIPLE_OF
 from vla_train.models.openvla import OpenVLA
 from vla_train.models.prompts import VLA_QUESTION_TEMPLATE, PromptBuilder
-from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, check_module_state, read_model_config
+from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, check_state_fits, read_model_config
 from vla_train.models.vision import VisionBackbone
 from vla_train.training.checkpoint_discovery import CheckpointDiscovery
 from vla_train.training.checkpoint_io import consolidate_checkpoint, parse_checkpoint_name
@@ -215,8 +215,7 @@ def load_checkpoint_modules(checkpoint: Path, vlm: OpenVLA) -> dict[str, dict[st
         raise ValueError(f"{checkpoint} lacks {['model.' + key for key in missing]} (has {sorted(modules)}): an "
                          "export needs all three modules, as VLA training saves them.")
     for key in MODULE_KEYS:
-        expected = {name: tensor.shape for name, tensor in getattr(vlm, key).state_dict().items()}
-        check_module_state(expected, modules[key], key, checkpoint)
+        check_state_fits(getattr(vlm, key), modules[key], key, checkpoint)
     return modules
 
 
@@ -295,8 +294,7 @@ def load_oft_checkpoint_modules(checkpoint: Path, vlm: Any) -> dict[str, dict[st
         raise ValueError(f"{checkpoint} lacks {['model.' + key for key in missing]} (has {sorted(modules)}): an OFT "
                          "export needs the trained heads and projectors, as OFT training saves them.")
     for key in vlm.all_module_keys:
-        expected = {name: tensor.shape for name, tensor in getattr(vlm, key).state_dict().items()}
-        check_module_state(expected, modules[key], key, checkpoint)
+        check_state_fits(getattr(vlm, key), modules[key], key, checkpoint)
     return modules
 
 
@@ -325,7 +323,7 @@ def _write_hf_dir(model: PrismaticPreTrainedModel, hf_state: dict[str, torch.Ten
                   max_shard_size: str) -> None:
     """Fill the meta-device HF `model` with `hf_state` (checked key by key) and write it, the processor, the
     remote-code modules and the dataset statistics into `out_dir`."""
-    check_module_state({k: v.shape for k, v in model.state_dict().items()}, hf_state, "exported model", checkpoint)
+    check_state_fits(model, hf_state, "exported model", checkpoint)
     model.load_state_dict(hf_state, strict=True, assign=True)
     model.tie_weights()  # tied LLMs (Qwen2.5): the head shares the embedding again after `assign`
     on_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
@@ -378,10 +376,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = No
         hf_state |= add_action_queries(model, policy, vlm, modules, checkpoint, DTYPES[dtype])
     _write_hf_dir(model, hf_state, AUTO_MAP, REMOTE_MODULES, vlm, run_dir, out_dir, checkpoint, max_shard_size)
     if isinstance(policy, VLAAdapterPolicyConfig):
-        write_vla_adapter_checkpoint({f"{key}.{name}": tensor for key in ("action_head", "proprio_projector")
-                                      for name, tensor in modules.get(key, {}).items()}, out_dir, step_of(checkpoint),
-                                     pro=policy.block == "pro", featurizer_keys=vlm.vision_backbone.keys, lora=None,
-                                     dataset_statistics=None)
+        write_vla_adapter_files(modules, out_dir, step_of(checkpoint), pro=policy.block == "pro")
     logger.info("Exported %s (%s, %s policy) to %s as %s", checkpoint, model_cfg.model_id, policy.family, out_dir,
                 dtype)
     return out_dir

@@ -45,7 +45,7 @@ from vla_train.models.llm import (
     get_llm_backbone_spec,
 )
 from vla_train.models.projector import projector_kind
-from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, check_module_state
+from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, check_state_fits
 from vla_train.models.vision import get_vision_backbone_spec
 from vla_train.models.vlm import PrismaticVLM
 from vla_train.training.checkpoint_io import atomic_link_or_copy, checkpoint_name
@@ -174,8 +174,7 @@ def to_native_modules(state: dict[str, torch.Tensor], vlm: PrismaticVLM,
             "llm.model.embed_tokens.weight" in llm:
         llm["llm.lm_head.weight"] = llm["llm.model.embed_tokens.weight"]
     for key in MODULE_KEYS:
-        expected = {name: tensor.shape for name, tensor in getattr(vlm, key).state_dict().items()}
-        check_module_state(expected, modules[key], key, source)
+        check_state_fits(getattr(vlm, key), modules[key], key, source)
     return modules
 
 

@@ -17,7 +17,7 @@ from vla_train.config.model import ModelConfig
 from vla_train.config.policy import OFTPolicyConfig
 from vla_train.export.oft_files import native_vision_state, read_oft_step_files
 from vla_train.models.build import build_vlm
-from vla_train.models.run_dir import check_module_state
+from vla_train.models.run_dir import check_state_fits
 
 State = dict[str, torch.Tensor]
 
@@ -65,7 +65,6 @@ def oft_modules(directory: Path, model_cfg: ModelConfig, chunk_length: int | Non
     for piece, state in states.items():
         if piece == "vision_backbone":
             state = native_vision_state(state, model.vision_backbone, directory / f"{piece}--*")
-        expected = {name: tensor.shape for name, tensor in getattr(model, piece).state_dict().items()}
-        check_module_state(expected, state, piece, directory)
+        check_state_fits(getattr(model, piece), state, piece, directory)
         modules[piece] = {key: tensor.to(torch.float32) for key, tensor in state.items()}
     return policy, modules

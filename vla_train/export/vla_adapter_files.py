@@ -21,7 +21,7 @@ from vla_train.config.policy import VLAAdapterPolicyConfig
 from vla_train.export.oft_checkpoint import module_state, write_lora_adapter
 from vla_train.export.oft_files import read_oft_step_files, write_oft_step_files
 from vla_train.models.build import build_vlm
-from vla_train.models.run_dir import check_module_state
+from vla_train.models.run_dir import check_state_fits
 from vla_train.models.vla_adapter.bridge import UNUSED_UPSTREAM_KEYS
 
 State = dict[str, torch.Tensor]
@@ -51,20 +51,23 @@ def from_upstream_head(head: State) -> State:
     return {key: tensor for key, tensor in head.items() if not key.endswith(UNUSED_UPSTREAM_KEYS)}
 
 
-def vla_adapter_states(full_state: State, pro: bool) -> dict[str, State]:
-    """Piece -> state dict in upstream's layout for the pieces a model's full (unmerged) state has."""
-    states = {piece: module_state(full_state, piece) for piece in PIECES}
-    states = {piece: state for piece, state in states.items() if state}
+def write_vla_adapter_files(modules: dict[str, State], directory: Path, step: int | str, pro: bool,
+                            dataset_statistics: dict[str, Any] | None = None) -> list[Path]:
+    """`action_head--<step>_checkpoint.pt` and `proprio_projector--...` (for the pieces `modules` has, our keys) in
+    upstream's layout, FP32 on the CPU, and the statistics when given, into `directory`."""
+    states = {piece: {key: tensor.detach().to(device="cpu", dtype=torch.float32) for key, tensor in
+                      modules[piece].items()} for piece in PIECES if modules.get(piece)}
     if "action_head" in states:
         states["action_head"] = to_upstream_head(states["action_head"], pro)
-    return states
+    return write_oft_step_files(states, directory, step, dataset_statistics)
 
 
 def write_vla_adapter_checkpoint(full_state: State, directory: Path, step: int | str, *, pro: bool,
                                  featurizer_keys: tuple[str, ...], lora: LoRAConfig | None,
                                  dataset_statistics: dict[str, Any] | None) -> list[Path]:
     """Every VLA-Adapter file of one checkpoint into `directory` (rank 0, the gathered unmerged state)."""
-    paths = write_oft_step_files(vla_adapter_states(full_state, pro), directory, step, dataset_statistics)
+    modules = {piece: module_state(full_state, piece) for piece in PIECES}
+    paths = write_vla_adapter_files(modules, directory, step, pro, dataset_statistics)
     if lora is not None:
         paths.append(write_lora_adapter(full_state, featurizer_keys, lora, directory))
     return paths
@@ -107,8 +110,7 @@ def vla_adapter_modules(directory: Path, model_cfg: ModelConfig, action_queries:
     for piece, state in states.items():
         if piece not in model.present_new_module_keys:
             raise ValueError(f"{directory}: {piece} files do not fit the policy the weights describe ({policy}).")
-        expected = {name: tensor.shape for name, tensor in getattr(model, piece).state_dict().items()}
-        check_module_state(expected, state, piece, directory)
+        check_state_fits(getattr(model, piece), state, piece, directory)
         modules[piece] = {key: tensor.to(torch.float32) for key, tensor in state.items()}
     return policy, modules
 
@@ -134,8 +136,7 @@ def add_action_queries(model: torch.nn.Module, policy: VLAAdapterPolicyConfig, v
                          "VLA-Adapter export needs the trained ActionQueries, policy and projector, as training saves "
                          "them.")
     for key in adapter.present_new_module_keys:
-        expected = {name: tensor.shape for name, tensor in getattr(adapter, key).state_dict().items()}
-        check_module_state(expected, modules[key], key, checkpoint)
+        check_state_fits(getattr(adapter, key), modules[key], key, checkpoint)
     weight = modules["action_queries"]["weight"]
     with torch.device("meta"):
         model.action_queries = torch.nn.Embedding(*weight.shape)

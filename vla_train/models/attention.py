@@ -53,6 +53,13 @@ def bidirectional_pattern(padding_mask: torch.Tensor) -> torch.Tensor:
     return block_causal_pattern(torch.zeros_like(padding_mask, dtype=torch.long), padding_mask)
 
 
+def attend_to_self_when_empty(pattern: torch.Tensor) -> torch.Tensor:
+    """`pattern [B, L, L]` with every row that allows no key attending to itself instead (no NaN in the softmax;
+    such rows are padding, whose outputs the caller ignores)."""
+    diagonal = torch.eye(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
+    return pattern.bool() | (~pattern.any(dim=-1, keepdim=True) & diagonal)
+
+
 def attention_mask_from_pattern(pattern: torch.Tensor, dtype: torch.dtype = torch.float32,
                                 attn_implementation: str = "sdpa") -> torch.Tensor:
     """The 4-D mask `[B, 1, L, L]` an LLM backbone takes as `attention_mask=` to attend by `pattern [B, L, L]`.
@@ -67,8 +74,7 @@ def attention_mask_from_pattern(pattern: torch.Tensor, dtype: torch.dtype = torc
     batch_size, q_length, kv_length = pattern.shape
     if q_length != kv_length:
         raise ValueError(f"pattern must be square [B, L, L] (no KV cache), got {tuple(pattern.shape)}.")
-    diagonal = torch.eye(q_length, dtype=torch.bool, device=pattern.device)
-    safe = pattern.bool() | (~pattern.any(dim=-1, keepdim=True) & diagonal)  # [B, L, L]
+    safe = attend_to_self_when_empty(pattern)  # [B, L, L]
 
     def mask_function(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
         # Index-based, as transformers' non-vmap expansion requires: indices broadcast to [B, 1, L, L].

@@ -87,6 +87,12 @@ def check_module_state(expected: Mapping[str, torch.Size | Sequence[int]], state
                              f"{tuple(expected[key])}.")
 
 
+def check_state_fits(module: torch.nn.Module, state: Mapping[str, torch.Tensor], name: str,
+                     source: str | Path) -> None:
+    """`check_module_state` against `module`'s own state-dict keys and shapes (a meta-device module will do)."""
+    check_module_state({key: value.shape for key, value in module.state_dict().items()}, state, name, source)
+
+
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], name: str, source: Path,
                       keep: set[str] | frozenset[str] = frozenset()) -> None:
     """Strict load with errors naming the file, the key and both shapes; the keys in `keep` (modules a policy adds,

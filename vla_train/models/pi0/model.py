@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GemmaConfig, SiglipVisionConfig, SiglipVisionModel
 
-from vla_train.models.attention import block_causal_pattern
+from vla_train.models.attention import attend_to_self_when_empty, block_causal_pattern
 from vla_train.models.pi0.flow import euler_sample, flow_loss_sum, time_embedding, training_sample
 from vla_train.models.pi0.joint import KV, JointGemma
 
@@ -155,6 +155,4 @@ class Pi0Model(nn.Module):
 def _attention(pad: torch.Tensor, ar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """openpi's block pattern `[B, L, L]` (rows without any allowed key attend to themselves: padding) and the
     positions `cumsum(pad) - 1` `[B, L]`."""
-    pattern = block_causal_pattern(ar, pad)
-    eye = torch.eye(pad.shape[1], dtype=torch.bool, device=pad.device)
-    return pattern | (~pattern.any(-1, keepdim=True) & eye), pad.long().cumsum(1) - 1
+    return attend_to_self_when_empty(block_causal_pattern(ar, pad)), pad.long().cumsum(1) - 1
