@@ -40,7 +40,8 @@ def test_registry_holds_reference_and_tiny_entries():
                                                   "tiny-oft-l1", "tiny-oft-diffusion", "tiny-oft-demo",
                                                   "metaworld-oft-tiny", "metaworld-oft-tiny-b7", *VLA_ADAPTER_RECIPES,
                                                   "metaworld-vla-adapter-tiny-b7",
-                                                  "tiny-vla-adapter"}
+                                                  "tiny-vla-adapter", "pi0-libero", "tiny-pi0",
+                                                  "metaworld-pi0-tiny-b7"}
 
 
 OFT_RECIPES = {"oft-libero-spatial": "libero_spatial_no_noops", "oft-libero-object": "libero_object_no_noops",
@@ -79,6 +80,21 @@ def test_vla_adapter_recipes_carry_its_hyperparameters(vla_id):
     policy = cfg.policy
     assert (policy.chunk_length, policy.action_dim, policy.proprio_dim, policy.cameras, policy.num_action_queries,
             policy.block, policy.num_heads) == (8, 7, 8, ["primary", "wrist"], 64, "pro", 8)
+
+
+def test_the_pi0_recipe_carries_openpis_libero_setup():
+    cfg = get_vla_config("pi0-libero")
+    cfg.validate(8)
+    assert (cfg.base_vlm, cfg.data_mix, cfg.policy.family) == ("pi0-paligemma-224px",
+                                                              "libero_4_task_suites_no_noops", "pi0")
+    assert (cfg.global_batch_size, cfg.max_steps, cfg.learning_rate, cfg.max_grad_norm) == (32, 30_000, 2.5e-5, 1.0)
+    assert not (cfg.freeze_vision_backbone or cfg.freeze_llm_backbone or cfg.lora.enabled)  # full fine-tuning
+    assert (cfg.adam_betas, cfg.adam_eps, cfg.weight_decay) == ((0.9, 0.95), 1e-8, 1e-10)
+    assert (cfg.lr_scheduler_type, cfg.warmup_steps, cfg.min_learning_rate, cfg.ema_decay) == (
+        "warmup-steps+cosine-to-min", 1_000, 2.5e-6, 0.99)
+    policy = cfg.policy
+    assert (policy.chunk_length, policy.action_dim, policy.proprio_dim, policy.cameras, policy.max_token_len,
+            policy.expert, policy.num_inference_steps) == (50, 7, 8, ["primary", "wrist"], 48, "gemma-300m", 10)
 
 
 def test_vla_adapter_policy_options_are_validated():
@@ -136,7 +152,8 @@ def test_tiny_entries():
         learning_rate=2e-3, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="linear-warmup+cosine-decay",
         warmup_ratio=0.05, train_strategy="full-shard", enable_gradient_checkpointing=True,
         enable_mixed_precision_training=True, reduce_in_full_precision=True, checkpoint_vision_blocks=False,
-        policy=dict(predict_stop_token=True), lr_decay_steps=None,
+        policy=dict(predict_stop_token=True), lr_decay_steps=None, adam_betas=(0.9, 0.999), adam_eps=1e-8,
+        warmup_steps=None, min_learning_rate=None, ema_decay=None,
         lora=dict(enabled=False, rank=32, alpha=16, dropout=0.0, targets="all-linear", init="gaussian"))
     assert demo.policy.family == "openvla"
     test = get_vla_config("tiny-test")
@@ -199,8 +216,30 @@ def test_node_count_must_be_positive():
     ({"max_grad_norm": 0.0}, 2, r"max_grad_norm = 0.0 must be a finite positive number"),
     ({"max_grad_norm": float("inf")}, 2, r"max_grad_norm = inf must be a finite positive number"),
     ({"lr_scheduler_type": "cosine"}, 2, r"Unknown lr_scheduler_type 'cosine'\. Fix: pass --vla.lr_scheduler_type "
-                                         r"one of \['constant', 'linear-warmup\+cosine-decay', 'step-decay'\]"),
+                                         r"one of \['constant', 'linear-warmup\+cosine-decay', 'step-decay', "
+                                         r"'warmup-steps\+cosine-to-min'\]"),
     ({"warmup_ratio": 1.0}, 2, r"warmup_ratio = 1.0 is outside \[0, 1\)\. Fix"),
+    ({"adam_betas": (0.9, 1.0)}, 2, r"adam_betas = \(0.9, 1.0\) must be two numbers in \[0, 1\)\. Fix: pass "
+                                    r"--vla.adam_betas"),
+    ({"adam_betas": (-0.1, 0.95)}, 2, r"adam_betas = \(-0.1, 0.95\) must be two numbers in \[0, 1\)"),
+    ({"adam_betas": (0.9,)}, 2, r"adam_betas = \(0.9,\) must be two numbers"),
+    ({"adam_eps": 0.0}, 2, r"adam_eps = 0.0 must be a finite positive number\. Fix: pass --vla.adam_eps > 0"),
+    ({"lr_scheduler_type": "warmup-steps+cosine-to-min"}, 2, r"needs warmup_steps and min_learning_rate\. Fix: pass "
+                                                             r"--vla.warmup_steps N and --vla.min_learning_rate"),
+    ({"lr_scheduler_type": "warmup-steps+cosine-to-min", "warmup_steps": 6, "min_learning_rate": 0.0}, 2,
+     r"warmup_steps = 6 is outside \[0, max_steps = 6\)\. Fix: pass --vla.warmup_steps"),
+    ({"lr_scheduler_type": "warmup-steps+cosine-to-min", "warmup_steps": -1, "min_learning_rate": 0.0}, 2,
+     r"warmup_steps = -1 is outside"),
+    ({"lr_scheduler_type": "warmup-steps+cosine-to-min", "warmup_steps": 2, "min_learning_rate": 2e-3}, 2,
+     r"min_learning_rate = 0.002 is outside \[0, learning_rate = 0.001\]\. Fix: pass --vla.min_learning_rate"),
+    ({"lr_scheduler_type": "warmup-steps+cosine-to-min", "warmup_steps": 2, "min_learning_rate": -1e-5}, 2,
+     r"min_learning_rate = -1e-05 is outside"),
+    ({"warmup_steps": 2}, 2, r"--vla.warmup_steps only apply to --vla.lr_scheduler_type warmup-steps\+cosine-to-min "
+                             r"\(this run: constant\)"),
+    ({"min_learning_rate": 0.0}, 2, r"--vla.min_learning_rate only apply to"),
+    ({"ema_decay": 1.0}, 2, r"ema_decay = 1.0 is outside \(0, 1\)\. Fix: pass --vla.ema_decay in \(0, 1\)"),
+    ({"ema_decay": 0.0}, 2, r"ema_decay = 0.0 is outside \(0, 1\)"),
+    ({"ema_decay": float("nan")}, 2, r"ema_decay = nan is outside \(0, 1\)"),
     ({"warmup_ratio": -0.1}, 2, r"warmup_ratio = -0.1 is outside \[0, 1\)"),
     ({"train_strategy": "ddp"}, 2, r"Unknown train_strategy 'ddp'\. Fix: pass --vla.train_strategy one of "
                                    r"\['full-shard', 'shard-grad-op', 'hybrid-shard', 'hybrid-shard-grad-op', "
@@ -211,6 +250,17 @@ def test_node_count_must_be_positive():
 def test_validation_errors(changes, world_size, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(TinyTest(), **changes).validate(world_size)
+
+
+def test_optimizer_schedule_and_ema_options_parse_and_validate():
+    args = ["--vla.type", "tiny-test", "--vla.adam_betas", "[0.9, 0.95]", "--vla.adam_eps", "1e-6",
+            "--vla.lr_scheduler_type", "warmup-steps+cosine-to-min", "--vla.warmup_steps", "0",
+            "--vla.min_learning_rate", "1e-3", "--vla.ema_decay", "0.99"]
+    vla = draccus.parse(TrainConfig, args=args).vla
+    assert (vla.adam_betas, vla.adam_eps, vla.warmup_steps, vla.min_learning_rate, vla.ema_decay) == \
+        ((0.9, 0.95), 1e-6, 0, 1e-3, 0.99)
+    vla.validate(2)  # warmup 0 and a floor equal to the peak are allowed
+    dataclasses.replace(vla, max_steps=None, warmup_steps=10**6).validate(2)  # checked against the budget later
 
 
 def test_path_base_vlm_is_stored_as_str(tmp_path):

@@ -136,8 +136,10 @@ def test_every_standardize_transform_and_frame_filter_is_registered(shipped):
 
 
 def test_named_mixtures_match_the_reference(shipped):
-    assert set(shipped.mixtures) == {*EXPECTED_MIXTURES, *CONTINUOUS_ONLY_MIXTURES, "demo", "calvin_abc"}
+    assert set(shipped.mixtures) == {*EXPECTED_MIXTURES, *CONTINUOUS_ONLY_MIXTURES, "demo", "calvin_abc",
+                                     "libero_4_task_suites_no_noops"}
     assert list(shipped.mixtures["calvin_abc"].entries) == [("calvin_abc", 1.0)]  # VLA-Adapter's CALVIN ABC
+    assert list(shipped.mixtures["libero_4_task_suites_no_noops"].entries) == [(name, 1.0) for name in LIBERO]  # π0
     assert len(EXPECTED_MIXTURES) == 18
     for name, expected in {**EXPECTED_MIXTURES, **CONTINUOUS_ONLY_MIXTURES}.items():
         assert list(shipped.mixtures[name].entries) == expected, name

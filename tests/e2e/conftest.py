@@ -72,6 +72,18 @@ def train_args(data: Path, runs: Path, *extra: str) -> list[str]:
             "[jsonl]", "--deterministic_data", "true", "--log_interval", "1", *extra]  # per-step metric lines
 
 
+def recipe_args(data: Path, runs: Path, vla_type: str, *extra: str) -> list[str]:
+    """`train.py` arguments for registry recipe `vla_type` on `data`, runs under `runs`, per-step metric lines."""
+    return ["--vla.type", vla_type, "--data_root_dir", str(data), "--run_root_dir", str(runs), "--trackers",
+            "[jsonl]", "--deterministic_data", "true", "--log_interval", "1", *extra]
+
+
+def recipe_run_dir(runs: Path, vla_type: str) -> Path:
+    """The one run directory of recipe `vla_type` under `runs`."""
+    (run_dir,) = [path for path in runs.iterdir() if path.name.startswith(vla_type + "+")]
+    return run_dir
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
     """`{step: loss}` from the run's `<run_id>.jsonl` (the last entry per step wins)."""
     losses = {}

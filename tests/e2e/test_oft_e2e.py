@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from tests.e2e.conftest import assert_ok, step_losses, torchrun
+from tests.e2e.conftest import assert_ok, recipe_args, recipe_run_dir, step_losses, torchrun
 from tests.export.test_oft_import import write_oft_release
 from vla_train.config.train import load_train_config
 from vla_train.export.hf_import import import_hf
@@ -18,14 +18,7 @@ from vla_train.models.run_dir import load_base_vlm, load_run_dir
 BASE_VLM = "tiny-dinosiglip+tiny-llama"
 
 
-def oft_args(data, runs, vla_type: str, *extra: str) -> list[str]:
-    return ["--vla.type", vla_type, "--data_root_dir", str(data), "--run_root_dir", str(runs), "--trackers",
-            "[jsonl]", "--deterministic_data", "true", "--log_interval", "1", *extra]
-
-
-def _run_dir(runs, vla_type: str):
-    (run_dir,) = [path for path in runs.iterdir() if path.name.startswith(vla_type + "+")]
-    return run_dir
+oft_args, _run_dir = recipe_args, recipe_run_dir
 
 
 def _changed(before: dict, after: dict, keys) -> list[str]:

@@ -7,7 +7,7 @@ import json
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from tests.e2e.conftest import assert_ok, step_losses, torchrun
+from tests.e2e.conftest import assert_ok, recipe_args, recipe_run_dir, step_losses, torchrun
 from vla_train.config.train import load_train_config
 from vla_train.export.oft_files import read_oft_step_files
 from vla_train.export.vla_adapter_files import from_upstream_head
@@ -19,13 +19,11 @@ BASE_VLM = "tiny-dinosiglip+tiny-qwen25"
 
 
 def adapter_args(data, runs, *extra: str) -> list[str]:
-    return ["--vla.type", RECIPE, "--data_root_dir", str(data), "--run_root_dir", str(runs), "--trackers", "[jsonl]",
-            "--deterministic_data", "true", "--log_interval", "1", *extra]
+    return recipe_args(data, runs, RECIPE, *extra)
 
 
 def _run_dir(runs):
-    (run_dir,) = [path for path in runs.iterdir() if path.name.startswith(RECIPE + "+")]
-    return run_dir
+    return recipe_run_dir(runs, RECIPE)
 
 
 def test_vla_adapter_lora_resume_reproduces_a_straight_run_exactly(demo_data, tmp_path):

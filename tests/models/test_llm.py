@@ -136,9 +136,23 @@ def test_unknown_backbone_and_missing_tokenizer_errors():
 
 def test_registry_has_every_named_family():
     families = {spec.family for spec in LLM_BACKBONES.values()}
-    assert families == {"llama", "mistral", "phi", "qwen2"}
+    assert families == {"llama", "mistral", "phi", "qwen2", "gemma"}
     prompts = {spec.prompt_builder for spec in LLM_BACKBONES.values()}
     assert prompts == {"pure", "vicuna-v15", "llama2-chat", "mistral-instruct", "phi", "qwen25-chat"}
+
+
+def test_paligemmas_gemma_builds_with_the_tiny_gemma_tokenizer():
+    backbone = LLMBackbone.from_config("tiny-gemma")
+    tokenizer = backbone.get_tokenizer()
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, len(tokenizer)) == (0, 1, 2, 512)
+    assert tokenizer("hi").input_ids[0] == 2  # BOS prepended, as PaliGemma's tokenizer does
+    llm = backbone.llm
+    assert llm.config.tie_word_embeddings and llm.lm_head.weight is llm.model.embed_tokens.weight
+    ids = torch.tensor([[2, 40, 41]])
+    torch.testing.assert_close(backbone.embed_input_ids(ids), llm.model.embed_tokens.weight[ids] * 48 ** 0.5)
+    full = LLM_BACKBONES["gemma-2b"].architecture
+    assert (full["hidden_size"], full["num_hidden_layers"], full["intermediate_size"], full["num_attention_heads"],
+            full["num_key_value_heads"], full["head_dim"], full["vocab_size"]) == (2048, 18, 16384, 8, 1, 256, 257152)
 
 
 # A tiny Llama outside the registry: other sizes and rms_norm_eps 1e-5 (the registry's tiny-llama has 1e-6).

@@ -1,15 +1,17 @@
 """π0's shared attention (`vla_train/models/pi0/joint.py`): with identical experts it is one Gemma over the
 concatenated sequence under the block mask; with different widths it equals an explicit masked-softmax computation;
-a cached prefix then the suffix alone equals the joint pass."""
+a cached prefix then the suffix alone equals the joint pass; the joint layers keep the VLM's state-dict keys."""
 
 import math
 
 import pytest
 import torch
+from torch import nn
 from transformers import GemmaConfig, GemmaModel
+from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm
 
 from vla_train.models.attention import attend_to_self_when_empty, block_causal_pattern
-from vla_train.models.pi0.joint import JointGemma
+from vla_train.models.pi0.joint import JointDecoderLayer, check_shared_geometry, joint_forward
 
 B, PREFIX, SUFFIX = 2, 7, 4
 
@@ -18,6 +20,22 @@ def _config(width: int, mlp: int, kv_heads: int = 1) -> GemmaConfig:
     return GemmaConfig(vocab_size=64, hidden_size=width, intermediate_size=mlp, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, rms_norm_eps=1e-6,
                        hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
+
+
+class JointGemma(nn.Module):
+    """A VLM `GemmaModel` whose layers are joined to an expert's (as `Pi0VLM` holds them) and the expert's norm."""
+
+    def __init__(self, vlm_config: GemmaConfig, expert_config: GemmaConfig) -> None:
+        super().__init__()
+        check_shared_geometry(vlm_config, expert_config)
+        self.vlm = GemmaModel(vlm_config)
+        self.expert_layers = [GemmaDecoderLayer(expert_config, i) for i in range(expert_config.num_hidden_layers)]
+        for index, layer in enumerate(self.expert_layers):
+            self.vlm.layers[index] = JointDecoderLayer(self.vlm.layers[index], layer)
+        self.expert_norm = GemmaRMSNorm(expert_config.hidden_size, eps=1e-6)
+
+    def forward(self, prefix, suffix, mask, positions, past=None, use_cache=False):
+        return joint_forward(self.vlm, self.expert_norm, prefix, suffix, mask, positions, past, use_cache)
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -46,13 +64,17 @@ def _embeddings(width_prefix: int, width_suffix: int) -> tuple[torch.Tensor, tor
 
 def test_identical_experts_equal_one_gemma_over_the_concatenation():
     joint = JointGemma(_config(32, 64), _config(32, 64)).eval()
-    _randomize(joint.vlm, 0)
-    joint.expert.load_state_dict({k: v for k, v in joint.vlm.state_dict().items() if not k.startswith("embed")})
+    _randomize(joint, 0)
+    vlm_state = {k: v for k, v in joint.vlm.state_dict().items() if ".expert." not in k}
+    for index, layer in enumerate(joint.expert_layers):
+        layer.load_state_dict({k.removeprefix(f"layers.{index}."): v for k, v in vlm_state.items()
+                               if k.startswith(f"layers.{index}.")})
+    joint.expert_norm.load_state_dict(joint.vlm.norm.state_dict())
     pattern, positions, _ = _layout()
     prefix, suffix = _embeddings(32, 32)
     prefix_out, suffix_out, _ = joint(prefix, suffix, pattern[:, None], positions)
     single = GemmaModel(_config(32, 64)).eval()
-    single.load_state_dict(joint.vlm.state_dict())
+    single.load_state_dict(vlm_state)  # the joint layers keep the VLM layers' keys
     additive = torch.zeros(pattern.shape).masked_fill(~pattern, torch.finfo(torch.float32).min)[:, None]
     expected = single(inputs_embeds=torch.cat([prefix, suffix], 1), attention_mask=additive,
                       position_ids=positions).last_hidden_state
@@ -78,7 +100,7 @@ def _reference(joint: JointGemma, prefix, suffix, pattern, positions) -> tuple[t
         return x * angles.cos() + rotated * angles.sin()
 
     hidden = [prefix.double(), suffix.double()]
-    for vlm_layer, expert_layer in zip(joint.vlm.layers, joint.expert.layers, strict=True):
+    for vlm_layer, expert_layer in zip(joint.vlm.layers, joint.expert_layers, strict=True):
         layers = (vlm_layer.double(), expert_layer.double())
         normed = [rms(layer.input_layernorm, x) for layer, x in zip(layers, hidden, strict=True)]
         q, k, v = (_project(layers, normed, name, count) for name, count in (("q_proj", 4), ("k_proj", 1),
@@ -93,7 +115,7 @@ def _reference(joint: JointGemma, prefix, suffix, pattern, positions) -> tuple[t
             new.append(x + layer.mlp(rms(layer.post_attention_layernorm, x)))
         hidden = new
     joint.float()
-    return (rms(joint.vlm.norm.double(), hidden[0]).float(), rms(joint.expert.norm.double(), hidden[1]).float())
+    return (rms(joint.vlm.norm.double(), hidden[0]).float(), rms(joint.expert_norm.double(), hidden[1]).float())
 
 
 def _different_widths(seed: int) -> JointGemma:

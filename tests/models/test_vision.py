@@ -162,3 +162,15 @@ def test_fused_featurizers_share_geometry_and_match_torchvision(rgb_image):
         assert torch.equal(out[key], reference)
     letterbox = VisionBackbone("tiny-dinosiglip-vit", "letterbox")
     assert len({t.geometry_key for t in letterbox.image_transform.transforms}) == 2  # different fills
+
+
+def test_paligemmas_siglip_returns_final_norm_features_and_has_no_unused_modules():
+    backbone = VisionBackbone("tiny-paligemma-siglip", "resize-naive")
+    featurizer = backbone.featurizer
+    assert backbone.unused_modules() == [] and getattr(featurizer, "attn_pool", None) is None
+    assert all(p.requires_grad for p in backbone.parameters())  # every block and the final norm are used
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = featurizer.norm(featurizer.blocks(featurizer._pos_embed(featurizer.patch_embed(pixels))))
+        torch.testing.assert_close(backbone(pixels), expected)
+    assert backbone.fsdp_units() == [*featurizer.blocks, featurizer]

@@ -1,5 +1,6 @@
 """Optimizer groups (also after activation checkpointing + FSDP2), step budget and LR schedules."""
 
+import itertools
 import math
 
 import pytest
@@ -176,3 +177,61 @@ def test_scheduler_state_dict_restores_exactly(kind):
     assert sched2.last_epoch == k
     assert sched2.get_last_lr() == [g["lr"] for g in opt2.param_groups]
     assert _lrs(opt2, sched2, total - k) == expected
+
+
+def test_adamw_hyper_parameters_are_passed_and_default_to_the_config_defaults():
+    from vla_train.config.vla import TinyTest
+
+    cfg = TinyTest()
+    assert (cfg.adam_betas, cfg.adam_eps) == (ADAMW_BETAS, ADAMW_EPS) == ((0.9, 0.999), 1e-8)  # as before the options
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, 1e-3, 0.0, record_parameter_shapes(model), betas=(0.9, 0.95), eps=1e-6)
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-6
+    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-6 for g in opt.param_groups)
+
+
+def _min_lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """openpi's CosineDecaySchedule shape, as transformers computes it: linear 0 -> 1 over `warmup` steps, then a
+    half-cosine from 1 down to `floor` (min_learning_rate / learning_rate) at `total`."""
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / (total - warmup)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(10, 100), (0, 40), (3, 4)])
+def test_warmup_steps_cosine_to_min_matches_closed_form(warmup, total):
+    base, floor_lr = 2.5e-5, 2.5e-6
+    opt = _optimizer(base)
+    sched = build_lr_scheduler(opt, "warmup-steps+cosine-to-min", total, 0.0, warmup_steps=warmup,
+                               min_learning_rate=floor_lr)
+    lrs = [row[0] for row in _lrs(opt, sched, total + 1)]
+    for step, lr in enumerate(lrs):
+        assert lr == pytest.approx(base * _min_lr_factor(step, warmup, total, floor_lr / base), rel=1e-12), step
+    assert lrs[0] == (0.0 if warmup else pytest.approx(base))  # step 0
+    assert lrs[warmup] == pytest.approx(base)  # end of warmup: the peak
+    if (total - warmup) % 2 == 0:
+        assert lrs[warmup + (total - warmup) // 2] == pytest.approx((base + floor_lr) / 2)  # the cosine's midpoint
+    assert lrs[total] == pytest.approx(floor_lr)  # the end of the step budget: the floor
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:warmup + 1]))  # rising warmup
+    assert all(a >= b for a, b in itertools.pairwise(lrs[warmup:]))  # decaying cosine
+
+
+def test_warmup_steps_cosine_to_min_restores_exactly_and_checks_its_options():
+    kind, total, k = "warmup-steps+cosine-to-min", 30, 11
+    opt = _optimizer()
+    sched = build_lr_scheduler(opt, kind, total, 0.0, warmup_steps=5, min_learning_rate=1e-4)
+    _lrs(opt, sched, k)
+    opt_state, sched_state = opt.state_dict(), sched.state_dict()
+    expected = _lrs(opt, sched, total - k)
+    opt2 = _optimizer()
+    sched2 = build_lr_scheduler(opt2, kind, total, 0.0, warmup_steps=5, min_learning_rate=1e-4)
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(sched_state)
+    assert _lrs(opt2, sched2, total - k) == expected
+    with pytest.raises(ValueError, match=r"--vla\.warmup_steps and --vla\.min_learning_rate"):
+        build_lr_scheduler(_optimizer(), kind, total, 0.0, warmup_steps=5)
+    with pytest.raises(ValueError, match=r"warmup_steps = 30 is outside \[0, 30\).*--vla\.warmup_steps"):
+        build_lr_scheduler(_optimizer(), kind, total, 0.0, warmup_steps=30, min_learning_rate=0.0)
+    with pytest.raises(ValueError, match=r"min_learning_rate = 0\.01 is outside.*--vla\.min_learning_rate"):
+        build_lr_scheduler(_optimizer(1e-3), kind, total, 0.0, warmup_steps=0, min_learning_rate=1e-2)

@@ -1,5 +1,6 @@
-"""Configs of `vla-scripts/export_hf.py` (training run -> Hugging Face directory) and `vla-scripts/import_hf.py`
-(OpenVLA-format Hugging Face directory -> training run directory for fine-tuning)."""
+"""Configs of `vla-scripts/export_hf.py` (training run -> Hugging Face directory; LeRobot's layout for π0 runs),
+`vla-scripts/import_hf.py` (OpenVLA-format Hugging Face directory -> training run directory for fine-tuning) and
+`vla-scripts/import_pi0_lerobot.py` (LeRobot π0 directory -> training run directory)."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,3 +31,12 @@ class ImportHFConfig:
     chunk_length: int | None = None  # actions per chunk (OFT LIBERO 8, ALOHA 25)
     cameras: list[str] | None = None  # camera roles in input order (LIBERO [primary, wrist])
     oft_step: str | None = None  # the step of OFT's files to read ("latest" or a number; default the highest)
+
+
+@dataclass
+class ImportPi0Config:
+    lerobot_dir: Path  # LeRobot π0 directory: model.safetensors (and config.json, dataset_statistics.json if any)
+    out_dir: Path  # training run directory to write (checkpoints/step-000000-epoch-00-loss=inf.pt, ...)
+    model_id: str | None = None  # base VLM registry id; default: recorded by our export, else pi0-paligemma-224px
+    vla_id: str | None = None  # name recorded in config.json's vla section; default: the lerobot_dir's name
+    overwrite: bool = False  # replace an existing imported checkpoint in out_dir

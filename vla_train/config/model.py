@@ -91,6 +91,19 @@ class PrismQwen25DinoSigLIP224px0_5B(ModelConfig):
     image_resize_strategy: str = "resize-naive"
 
 
+@ModelConfig.register_subclass("pi0-paligemma-224px")
+@dataclass
+class Pi0PaliGemma224px(ModelConfig):
+    """π0's VLM: PaliGemma 3B (SigLIP So400m/14 final-norm features at 224 px, a linear projector, Gemma 2B)."""
+
+    model_id: str = "pi0-paligemma-224px"
+    arch_specifier: str = "no-align+linear"
+    vision_backbone_id: str = "paligemma-siglip-224px"
+    llm_backbone_id: str = "gemma-2b"
+    image_resize_strategy: str = "resize-naive"
+    llm_max_length: int = 48  # openpi's max_token_len
+
+
 @ModelConfig.register_subclass("tiny-siglip+tiny-llama")
 @dataclass
 class TinySigLIPLlama(ModelConfig):
@@ -115,6 +128,19 @@ class TinyDinoSigLIPLlama(ModelConfig):
     llm_backbone_id: str = "tiny-llama"
     image_resize_strategy: str = "resize-naive"
     llm_max_length: int = 512
+
+
+@ModelConfig.register_subclass("tiny-pi0-paligemma")
+@dataclass
+class TinyPi0PaliGemma(ModelConfig):
+    """Tiny stand-in for `pi0-paligemma-224px`: a 3-block final-norm SigLIP-style ViT at 64 px + a 2-layer Gemma."""
+
+    model_id: str = "tiny-pi0-paligemma"
+    arch_specifier: str = "no-align+linear"
+    vision_backbone_id: str = "tiny-paligemma-siglip"
+    llm_backbone_id: str = "tiny-gemma"
+    image_resize_strategy: str = "resize-naive"
+    llm_max_length: int = 48
 
 
 @ModelConfig.register_subclass("tiny-dinosiglip+tiny-qwen25")

@@ -58,6 +58,14 @@ class OpenVLAPolicyConfig(PolicyConfig):
         return OpenVLAPolicy(self)
 
 
+def check_integer_options(config: PolicyConfig, **minimums: int) -> None:
+    """Raise a ValueError naming the first option of `config` that is not an integer >= its minimum."""
+    for name, minimum in minimums.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"--vla.policy.{name} = {value!r} must be an integer >= {minimum}.")
+
+
 OFT_HEADS = ("l1", "diffusion")
 
 
@@ -96,11 +104,7 @@ class OFTPolicyConfig(PolicyConfig):
     def validate(self) -> None:
         if self.head not in OFT_HEADS:
             raise ValueError(f"--vla.policy.head {self.head!r} is not an OFT head; choose one of {list(OFT_HEADS)}.")
-        for name, minimum in (("chunk_length", 1), ("action_dim", 1), ("proprio_dim", 0),
-                              ("num_diffusion_steps_inference", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"--vla.policy.{name} = {value!r} must be an integer >= {minimum}.")
+        check_integer_options(self, chunk_length=1, action_dim=1, proprio_dim=0, num_diffusion_steps_inference=1)
         if not 1 <= len(self.cameras) <= 3:
             raise ValueError(f"--vla.policy.cameras {self.cameras} must name 1 to 3 camera roles (OFT: primary + "
                              "wrist for LIBERO, primary + left_wrist + right_wrist for ALOHA).")
@@ -146,14 +150,59 @@ class VLAAdapterPolicyConfig(PolicyConfig):
     def validate(self) -> None:
         if self.block not in VLA_ADAPTER_BLOCKS:
             raise ValueError(f"--vla.policy.block {self.block!r}: choose one of {list(VLA_ADAPTER_BLOCKS)}.")
-        for name, minimum in (("chunk_length", 1), ("action_dim", 1), ("proprio_dim", 0), ("num_action_queries", 1),
-                              ("num_heads", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"--vla.policy.{name} = {value!r} must be an integer >= {minimum}.")
+        check_integer_options(self, chunk_length=1, action_dim=1, proprio_dim=0, num_action_queries=1, num_heads=1)
         if not 1 <= len(self.cameras) <= 3:
             raise ValueError(f"--vla.policy.cameras {self.cameras} must name 1 to 3 camera roles (VLA-Adapter LIBERO: "
                              "primary + wrist).")
+
+
+PI0_EXPERTS = ("gemma-300m", "tiny")  # the action expert's size (`models/pi0/model.py` EXPERT_SIZES)
+PI0_MAX_DIM = 32  # π0 pads actions and state to 32 dimensions
+
+
+@PolicyConfig.register_subclass("pi0")
+@dataclass
+class Pi0PolicyConfig(PolicyConfig):
+    """π0: PaliGemma (SigLIP + Gemma 2B) reads the cameras and the instruction; a Gemma action expert sharing its
+    attention denoises the chunk `[H, A]` by flow matching (10 Euler steps at inference); actions and state are
+    MEAN_STD-normalized and padded to 32 dimensions (`vla_train/models/pi0/`)."""
+
+    chunk_length: int = 50  # H: actions per chunk (openpi: 50)
+    action_dim: int = 7  # A: must equal the dataset's action dimension (<= 32)
+    proprio_dim: int = 8  # the dataset's state dimension (<= 32); 0 = a zero state
+    cameras: list[str] = field(default_factory=lambda: ["primary", "wrist"])  # base_0_rgb, then wrist cameras
+    max_token_len: int = 48  # instruction tokens (openpi: 48), truncated beyond
+    expert: str = "gemma-300m"  # the action expert: "gemma-300m" (width 1024, MLP 4096) or "tiny" (tests)
+    num_inference_steps: int = 10  # Euler steps of `predict_action`
+
+    def build(self) -> "Policy":
+        from vla_train.policies.pi0 import Pi0Policy  # lazy: the model stack imports transformers
+
+        return Pi0Policy(self)
+
+    def build_model(self, vlm: "nn.Module") -> "nn.Module":
+        from vla_train.models.pi0.model import Pi0VLM  # lazy, as build()
+
+        return Pi0VLM.from_vlm(vlm, action_dim=self.action_dim, chunk_length=self.chunk_length,
+                               proprio_dim=self.proprio_dim or None, expert=self.expert,
+                               num_cameras=len(self.cameras), max_token_len=self.max_token_len,
+                               num_inference_steps=self.num_inference_steps)
+
+    def camera_roles(self) -> list[str]:
+        return list(self.cameras)
+
+    def validate(self) -> None:
+        if self.expert not in PI0_EXPERTS:
+            raise ValueError(f"--vla.policy.expert {self.expert!r}: choose one of {list(PI0_EXPERTS)}.")
+        check_integer_options(self, chunk_length=1, action_dim=1, proprio_dim=0, max_token_len=2,
+                              num_inference_steps=1)
+        for name in ("action_dim", "proprio_dim"):
+            if getattr(self, name) > PI0_MAX_DIM:
+                raise ValueError(f"--vla.policy.{name} = {getattr(self, name)}: π0 pads actions and state to "
+                                 f"{PI0_MAX_DIM} dimensions, so at most {PI0_MAX_DIM}.")
+        if not 1 <= len(self.cameras) <= 3:
+            raise ValueError(f"--vla.policy.cameras {self.cameras} must name 1 to 3 camera roles (π0: base_0_rgb, "
+                             "left_wrist_0_rgb, right_wrist_0_rgb).")
 
 
 def policy_section(policy: PolicyConfig) -> dict[str, Any]:

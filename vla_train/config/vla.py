@@ -22,7 +22,9 @@ import draccus
 from vla_train.config.lora import LoRAConfig
 from vla_train.config.policy import PolicyConfig, default_policy
 
-LR_SCHEDULERS = ("constant", "linear-warmup+cosine-decay", "step-decay")
+LR_SCHEDULERS = ("constant", "linear-warmup+cosine-decay", "step-decay", "warmup-steps+cosine-to-min")
+ADAMW_BETAS = (0.9, 0.999)  # the one place of the AdamW defaults (`--vla.adam_betas`, `training/optim.py`)
+ADAMW_EPS = 1e-8
 TRAIN_STRATEGIES = {
     "full-shard": "ZeRO-3: parameters, gradients and optimizer state sharded across all ranks",
     "shard-grad-op": "ZeRO-2: gradients and optimizer state sharded; parameters stay unsharded after forward",
@@ -74,7 +76,7 @@ class VLAConfig(draccus.ChoiceRegistry):
     learning_rate: float  # peak AdamW learning rate
     weight_decay: float  # AdamW weight decay (not applied to biases and norms)
     max_grad_norm: float  # global gradient-norm clipping threshold
-    lr_scheduler_type: str  # "constant" | "linear-warmup+cosine-decay"
+    lr_scheduler_type: str  # one of LR_SCHEDULERS
     warmup_ratio: float  # fraction of the step budget spent in linear warmup, in [0, 1)
     train_strategy: str  # a TRAIN_STRATEGIES name, or a reference id ("fsdp-full-shard", "fsdp-shard-grad-op")
 
@@ -84,6 +86,11 @@ class VLAConfig(draccus.ChoiceRegistry):
     checkpoint_vision_blocks: bool = False  # also activation-checkpoint the ViT blocks
     policy: PolicyConfig = field(default_factory=default_policy)  # the policy family (--vla.policy.type) and options
     lr_decay_steps: int | None = None  # step-decay: the lr drops x0.1 after this many steps (OFT: 100k)
+    adam_betas: tuple[float, float] = ADAMW_BETAS  # AdamW (beta1, beta2), each in [0, 1) (openpi: (0.9, 0.95))
+    adam_eps: float = ADAMW_EPS  # AdamW epsilon, > 0
+    warmup_steps: int | None = None  # warmup-steps+cosine-to-min: linear warmup 0 -> learning_rate over N steps
+    min_learning_rate: float | None = None  # warmup-steps+cosine-to-min: the lr the cosine reaches at the last step
+    ema_decay: float | None = None  # EMA of the trainable weights (openpi: 0.99), in (0, 1); None: no EMA
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters instead of full fine-tuning
 
     def __post_init__(self) -> None:
@@ -148,11 +155,47 @@ class VLAConfig(draccus.ChoiceRegistry):
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio = {self.warmup_ratio} is outside [0, 1). Fix: pass --vla.warmup_ratio "
                              "in [0, 1).")
+        self.validate_adamw()
+        self.validate_warmup_steps_schedule()
+        if self.ema_decay is not None and not (math.isfinite(self.ema_decay) and 0.0 < self.ema_decay < 1.0):
+            raise ValueError(f"ema_decay = {self.ema_decay} is outside (0, 1). Fix: pass --vla.ema_decay in (0, 1) "
+                             "(openpi: 0.99), or null for no EMA.")
         self.normalized_train_strategy()
         self.grad_accumulation_steps(world_size)
         self.stage()
         self.policy.validate()
         self.lora.validate()
+
+    def validate_adamw(self) -> None:
+        """`adam_betas`: two finite numbers in [0, 1); `adam_eps`: a finite number > 0."""
+        betas = tuple(self.adam_betas)
+        if len(betas) != 2 or not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"adam_betas = {betas} must be two numbers in [0, 1). Fix: pass --vla.adam_betas "
+                             f"'[0.9, 0.95]' (default {list(ADAMW_BETAS)}).")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ValueError(f"adam_eps = {self.adam_eps} must be a finite positive number. Fix: pass "
+                             f"--vla.adam_eps > 0 (default {ADAMW_EPS:g}).")
+
+    def validate_warmup_steps_schedule(self) -> None:
+        """`warmup-steps+cosine-to-min` needs `0 <= warmup_steps < max_steps` (when set; else checked against the
+        step budget when the schedule is built) and `0 <= min_learning_rate <= learning_rate`; the two options
+        belong to that schedule only."""
+        given = [f"--vla.{name}" for name in ("warmup_steps", "min_learning_rate") if getattr(self, name) is not None]
+        if self.lr_scheduler_type != "warmup-steps+cosine-to-min":
+            if given:
+                raise ValueError(f"{' and '.join(given)} only apply to --vla.lr_scheduler_type warmup-steps+cosine-"
+                                 f"to-min (this run: {self.lr_scheduler_type}). Fix: drop them, or pass that type.")
+            return
+        if self.warmup_steps is None or self.min_learning_rate is None:
+            raise ValueError("lr_scheduler_type warmup-steps+cosine-to-min needs warmup_steps and min_learning_rate. "
+                             "Fix: pass --vla.warmup_steps N and --vla.min_learning_rate LR (openpi: 1000, 2.5e-6).")
+        budget = self.max_steps if self.max_steps is not None else math.inf
+        if not 0 <= self.warmup_steps < budget:
+            raise ValueError(f"warmup_steps = {self.warmup_steps} is outside [0, max_steps = {self.max_steps}). Fix: "
+                             "pass --vla.warmup_steps >= 0 and below the step budget.")
+        if not (math.isfinite(self.min_learning_rate) and 0.0 <= self.min_learning_rate <= self.learning_rate):
+            raise ValueError(f"min_learning_rate = {self.min_learning_rate} is outside [0, learning_rate = "
+                             f"{self.learning_rate}]. Fix: pass --vla.min_learning_rate in that range.")
 
 
 # === The reference's 11 entries (facts §2.2) ===
@@ -331,4 +374,4 @@ def get_vla_config(vla_id: str) -> VLAConfig:
 
 
 # registers the OpenVLA-OFT and MetaWorld recipes
-from vla_train.config import vla_adapter, vla_oft, vla_sim  # noqa: E402, F401
+from vla_train.config import pi0, vla_adapter, vla_oft, vla_sim  # noqa: E402, F401

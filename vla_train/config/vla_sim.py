@@ -10,7 +10,9 @@ benchmark"):
   motion (the mean action solves the drawer, door and handle-press tasks of `bench`, which say little), 3,500 steps
   (~27 min on an idle machine);
 - `metaworld-vla-adapter-tiny-b7`: the same base, data, cameras, proprio, chunks and schedule as a VLA-Adapter policy
-  (64 ActionQueries, Pro Bridge blocks over both LLM layers): the VLA-Adapter row of the benchmark.
+  (64 ActionQueries, Pro Bridge blocks over both LLM layers): the VLA-Adapter row of the benchmark;
+- `metaworld-pi0-tiny-b7`: the same data, cameras, proprio, chunks and schedule as a π0 policy on the tiny PaliGemma
+  base (`tiny-pi0-paligemma`, a tiny action expert, flow matching, 10 Euler steps, EMA 0.99 as openpi): the π0 row.
 
 Why these values: a run must take under one hour on a 2-core CPU (2 processes, the only parallelism there is). At
 batch 32 a step takes ~0.42-0.48 s on the idle machine, so the step budgets see each of the ~22-26k demo frames 5-6
@@ -22,7 +24,7 @@ smooth the expert's saturated actions; the wrist camera sees the button, handle 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vla_train.config.policy import OFTPolicyConfig, PolicyConfig, VLAAdapterPolicyConfig
+from vla_train.config.policy import OFTPolicyConfig, Pi0PolicyConfig, PolicyConfig, VLAAdapterPolicyConfig
 from vla_train.config.sim_eval import SIM_ACTION_DIM, SIM_PROPRIO_DIM
 from vla_train.config.vla import VLAConfig
 
@@ -80,3 +82,19 @@ class MetaWorldVLAAdapter_Tiny_B7(MetaWorldOFT_Tiny_B7):
 
     vla_id: str = "metaworld-vla-adapter-tiny-b7"
     policy: PolicyConfig = field(default_factory=_metaworld_adapter_policy)
+
+
+def _metaworld_pi0_policy() -> PolicyConfig:
+    return Pi0PolicyConfig(chunk_length=8, action_dim=SIM_ACTION_DIM, proprio_dim=SIM_PROPRIO_DIM,
+                           cameras=["primary", "wrist"], expert="tiny", num_inference_steps=10)
+
+
+@VLAConfig.register_subclass("metaworld-pi0-tiny-b7")
+@dataclass
+class MetaWorldPi0_Tiny_B7(MetaWorldOFT_Tiny_B7):
+    """As `metaworld-oft-tiny-b7` with the π0 policy on the tiny PaliGemma base (same data and schedule), EMA 0.99."""
+
+    vla_id: str = "metaworld-pi0-tiny-b7"
+    base_vlm: str | Path = "tiny-pi0-paligemma"
+    policy: PolicyConfig = field(default_factory=_metaworld_pi0_policy)
+    ema_decay: float | None = 0.99

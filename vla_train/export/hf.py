@@ -31,7 +31,7 @@ from transformers import PretrainedConfig
 
 from vla_train.atomic_io import atomic_write_json
 from vla_train.config.model import ModelConfig
-from vla_train.config.policy import OFTPolicyConfig, VLAAdapterPolicyConfig, read_policy_config
+from vla_train.config.policy import OFTPolicyConfig, Pi0PolicyConfig, VLAAdapterPolicyConfig, read_policy_config
 from vla_train.config.train import checkpoint_step_epoch
 from vla_train.export.hf_remote import OFT_REMOTE_MODULES, REMOTE_MODULES
 from vla_train.export.hf_remote.configuration_oft import SUPPORTED_DDIM, OpenVLAOFTConfig, check_oft_settings
@@ -39,6 +39,7 @@ from vla_train.export.hf_remote.configuration_prismatic import OpenVLAConfig
 from vla_train.export.hf_remote.modeling_prismatic import OpenVLAForActionPrediction, PrismaticPreTrainedModel
 from vla_train.export.hf_remote.processing_prismatic import PrismaticImageProcessor, PrismaticProcessor
 from vla_train.export.keys import MODULE_KEYS, native_to_hf
+from vla_train.export.pi0_run import export_pi0_run
 from vla_train.export.vla_adapter_files import add_action_queries, step_of, write_vla_adapter_files
 from vla_train.log import logger
 from vla_train.models.build import build_vlm
@@ -343,7 +344,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = No
               overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
     """Export `run_dir`'s checkpoint (latest, or `step`) to `out_dir` as a Hugging Face directory; returns out_dir.
     The run's policy picks the layout: `openvla` (token actions), `oft` (action chunks, `build_oft_export`),
-    `vla-adapter` (the OpenVLA layout + ActionQueries, with VLA-Adapter's files beside it)."""
+    `vla-adapter` (the OpenVLA layout + ActionQueries, with VLA-Adapter's files beside it), `pi0` (LeRobot's π0
+    layout, `export/pi0_run.py`)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}. Fix: pass --dtype one of {sorted(DTYPES)}.")
@@ -351,9 +353,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = No
         raise FileExistsError(f"{out_dir} exists and is not empty. Fix: pass --overwrite true or another --out_dir.")
     model_cfg = read_model_config(run_dir)
     policy = read_policy_config(run_dir)
-    if policy.family not in ("openvla", "oft", "vla-adapter"):
-        raise ValueError(f"{run_dir} trains the {policy.family!r} policy; export_hf writes 'openvla', 'oft' and "
-                         "'vla-adapter' policies only.")
+    if policy.family not in ("openvla", "oft", "vla-adapter", "pi0"):
+        raise ValueError(f"{run_dir} trains the {policy.family!r} policy; export_hf writes 'openvla', 'oft', "
+                         "'vla-adapter' and 'pi0' policies only.")
+    if isinstance(policy, Pi0PolicyConfig):  # π0's users load LeRobot's layout
+        return export_pi0_run(run_dir, out_dir, find_checkpoint(run_dir, step), dtype)
     norm_stats = read_norm_stats(run_dir)
     checkpoint = find_checkpoint(run_dir, step)
     if isinstance(policy, OFTPolicyConfig):

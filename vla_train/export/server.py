@@ -41,7 +41,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from vla_train.config.deploy import DeployConfig, validate_deploy_config
-from vla_train.config.policy import OFTPolicyConfig, VLAAdapterPolicyConfig, read_policy_config
+from vla_train.config.policy import OFTPolicyConfig, Pi0PolicyConfig, VLAAdapterPolicyConfig, read_policy_config
 from vla_train.export.hf import find_checkpoint
 from vla_train.export.server_limits import (
     PromptLimit,
@@ -58,6 +58,7 @@ from vla_train.export.server_oft import (
     ChunkPolicy,
     HFOFTActionModel,
     OFTActionModel,
+    Pi0ActionModel,
     hf_chunk_policy,
     validate_chunk_payload,
 )
@@ -365,13 +366,17 @@ def load_run_dir_model(run_dir: Path, *, step: int | None = None, device: str = 
     vla = load_run_dir(Path(run_dir), vla=True, norm_stats=json.loads(stats_path.read_text()),
                        llm_hf_dir=llm_hf_dir, inference_mode=True, checkpoint=find_checkpoint(Path(run_dir), step))
     policy = read_policy_config(run_dir)
+    if isinstance(policy, Pi0PolicyConfig):  # flow matching: each request's own seeded noise
+        return Pi0ActionModel(vla.to(device), ChunkPolicy(tuple(policy.cameras), policy.proprio_dim,
+                                                          policy.chunk_length, policy.action_dim, "flow",
+                                                          policy.num_inference_steps, family="pi0"))
     if isinstance(policy, OFTPolicyConfig | VLAAdapterPolicyConfig):  # VLA-Adapter: deterministic, as OFT's L1 head
         chunk = ChunkPolicy(tuple(policy.cameras), policy.proprio_dim, policy.chunk_length, policy.action_dim,
                             getattr(policy, "head", "l1"), getattr(policy, "num_diffusion_steps_inference", 1))
         return OFTActionModel(vla.to(device), chunk)
     if policy.family != "openvla":
-        raise ValueError(f"{run_dir} trains the {policy.family!r} policy; the server serves 'openvla', 'oft' and "
-                         "'vla-adapter'.")
+        raise ValueError(f"{run_dir} trains the {policy.family!r} policy; the server serves 'openvla', 'oft', "
+                         "'vla-adapter' and 'pi0'.")
     return OpenVLAActionModel(vla.to(device))
 
 

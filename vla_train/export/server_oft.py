@@ -33,6 +33,7 @@ from vla_train.data.normalization import normalize_np
 from vla_train.export.server_limits import PromptLimit, RequestError, prompt_limit_for, validate_payload
 from vla_train.export.server_limits import _describe as describe
 from vla_train.models.openvla import NormStats, unnormalize_actions
+from vla_train.models.pi0.prompt import pi0_prompt_ids
 from vla_train.models.vla_prompt import vla_prompt_prefix_ids
 
 CHUNK_PAYLOAD_HELP = ("expected {'image': uint8 [H, W, 3], '<camera>_image': uint8 [H, W, 3] for each other camera "
@@ -48,8 +49,9 @@ class ChunkPolicy:
     proprio_dim: int
     chunk_length: int
     action_dim: int
-    head: str
-    num_diffusion_steps: int = 50  # DDIM steps per chunk (the policy's `num_diffusion_steps_inference`)
+    head: str  # OFT's "l1" or "diffusion"; "flow" for π0's flow matching
+    num_diffusion_steps: int = 50  # DDIM (π0: Euler) steps per chunk (the policy's inference steps)
+    family: str = "oft"  # the policy family served ("oft", "vla-adapter", "pi0")
 
     @property
     def image_fields(self) -> list[str]:
@@ -58,9 +60,9 @@ class ChunkPolicy:
 
     def describe(self) -> dict[str, Any]:
         """`GET /health`'s `policy` entry."""
-        return {"type": "oft", "head": self.head, "chunk_length": self.chunk_length, "action_dim": self.action_dim,
+        return {"type": self.family, "head": self.head, "chunk_length": self.chunk_length, "action_dim": self.action_dim,
                 "cameras": list(self.cameras), "image_fields": self.image_fields, "proprio_dim": self.proprio_dim,
-                **({"num_diffusion_steps": self.num_diffusion_steps} if self.head == "diffusion" else {})}
+                **({"num_diffusion_steps": self.num_diffusion_steps} if self.head != "l1" else {})}
 
 
 @dataclass(frozen=True)
@@ -151,12 +153,16 @@ class OFTActionModel:
             llm.get_tokenizer(), getattr(llm.llm.config, "max_position_embeddings", None), prefix,
             fallback_max_length=llm.llm_max_length)
 
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """The prompt's token ids, as the model's `predict_action` builds them (OpenVLA's prompt prefix)."""
+        llm = self.model.llm_backbone
+        return vla_prompt_prefix_ids(llm.prompt_builder_fn, llm.get_tokenizer(), instruction)
+
     def prepare_chunk(self, request: ChunkRequest) -> "Any":
         from vla_train.export.server import Prepared  # the server module imports this one
 
-        llm = self.model.llm_backbone
         with self._tokenizer_lock:
-            ids = vla_prompt_prefix_ids(llm.prompt_builder_fn, llm.get_tokenizer(), request.instruction)
+            ids = self.prompt_ids(request.instruction)
         if self.prompt_limit is not None:
             self.prompt_limit.check_tokens(len(ids), self.num_generated)
         transform = self.model.vision_backbone.get_image_transform()
@@ -185,6 +191,38 @@ class OFTActionModel:
                                                      num_inference_steps=self.policy.num_diffusion_steps)
         stats = [self.norm_stats[p.unnorm_key]["action"] for p in batch]
         return [unnormalize_actions(chunk.float().cpu().numpy(), s) for chunk, s in zip(chunks, stats, strict=True)]
+
+
+class Pi0ActionModel(OFTActionModel):
+    """A native π0 policy (`Pi0VLM`): its prompt (`pi0_prompt_ids`, truncated to `max_token_len`, so no prompt
+    limit), the same image transforms and proprio normalization as its `predict_action`; every request samples its
+    own seeded noise (served alone, as OFT's diffusion head)."""
+
+    def __init__(self, model: Any, policy: ChunkPolicy) -> None:
+        self.model, self.policy = model.eval(), policy
+        self.model_id, self.norm_stats = model.model_id, model.norm_stats
+        self._tokenizer_lock = threading.Lock()
+        self.num_generated, self.prompt_limit = 0, None
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        return pi0_prompt_ids(self.model.llm_backbone.get_tokenizer(), instruction, self.model.max_token_len)
+
+    def run_batch(self, batch: list[Any]) -> list[np.ndarray]:
+        """Prepared requests -> un-normalized chunks `[H, A]` (float64), each sampled with its own seed."""
+        device = next(self.model.parameters()).device
+        chunks = []
+        for prepared in batch:
+            ids, pixels, proprio, seed = prepared.inputs
+            input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+            generator = torch.Generator(device=device).manual_seed(seed)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                chunk = self.model.sample_actions(
+                    torch.stack(pixels)[None].to(device), torch.ones(1, len(pixels), dtype=torch.bool, device=device),
+                    input_ids, torch.ones_like(input_ids, dtype=torch.bool),
+                    None if proprio is None else proprio[None].to(device), generator, self.policy.num_diffusion_steps)
+            stats = self.norm_stats[prepared.unnorm_key]["action"]
+            chunks.append(unnormalize_actions(chunk[0].float().cpu().numpy(), stats))
+        return chunks
 
 
 def hf_chunk_policy(hf_dir: Path) -> ChunkPolicy | None:

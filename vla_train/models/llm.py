@@ -1,4 +1,5 @@
-"""LLM backbones: Hugging Face causal LMs (Llama-2, Vicuna, Mistral, Phi-2, Qwen2.5) with their tokenizers.
+"""LLM backbones: Hugging Face causal LMs (Llama-2, Vicuna, Mistral, Phi-2, Qwen2.5, PaliGemma's Gemma) with their
+tokenizers.
 
 Each registry entry carries the published architecture, so a backbone builds from its config alone (random weights,
 or on the meta device for size checks), or from a local Hugging Face directory (weights loaded in FP32). Pad
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 from transformers import (
     AutoTokenizer,
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -31,6 +34,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 from transformers.modeling_outputs import ModelOutput
+from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.phi.modeling_phi import PhiDecoderLayer
@@ -62,6 +66,7 @@ LLM_FAMILIES: dict[str, LLMFamily] = {
     "mistral": LLMFamily(MistralConfig, MistralForCausalLM, MistralDecoderLayer),
     "phi": LLMFamily(PhiConfig, PhiForCausalLM, PhiDecoderLayer),
     "qwen2": LLMFamily(Qwen2Config, Qwen2ForCausalLM, Qwen2DecoderLayer),
+    "gemma": LLMFamily(GemmaConfig, GemmaForCausalLM, GemmaDecoderLayer),
 }
 
 
@@ -102,6 +107,11 @@ _QWEN25_3B = {**_QWEN25_0_5B, "hidden_size": 2048, "intermediate_size": 11008, "
               "num_attention_heads": 16}
 _QWEN25_7B = {**_QWEN25_0_5B, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
               "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False}
+# PaliGemma's Gemma 2B (google/paligemma-3b-pt-224 `text_config`): multi-query attention, head dim 256, tied head.
+_GEMMA_2B = dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+                 num_key_value_heads=1, head_dim=256, vocab_size=257152, max_position_embeddings=8192,
+                 rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1,
+                 pad_token_id=0, tie_word_embeddings=True)
 _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=2048)
 
@@ -135,6 +145,7 @@ LLM_BACKBONES: dict[str, LLMBackboneSpec] = {
         _qwen("qwen25-1_5b-pure", "Qwen/Qwen2.5-1.5B", _QWEN25_1_5B),
         _qwen("qwen25-3b-pure", "Qwen/Qwen2.5-3B", _QWEN25_3B),
         _qwen("qwen25-7b-pure", "Qwen/Qwen2.5-7B", _QWEN25_7B),
+        LLMBackboneSpec("gemma-2b", "gemma", "google/paligemma-3b-pt-224", _GEMMA_2B, "pure", tokenizer_len=257152),
         # Tiny backbones for tests and the demo, with tokenizers this project builds.
         LLMBackboneSpec("tiny-llama", "llama", None, {**_TINY, "vocab_size": 512, "bos_token_id": 1,
                         "eos_token_id": 2, "tie_word_embeddings": False}, "pure", tokenizer_len=512,
@@ -142,6 +153,9 @@ LLM_BACKBONES: dict[str, LLMBackboneSpec] = {
         LLMBackboneSpec("tiny-qwen25", "qwen2", None, {**_TINY, "vocab_size": 576, "bos_token_id": 512,
                         "eos_token_id": 512, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}, "qwen25-chat",
                         tokenizer_len=515, tiny_tokenizer_style="qwen", tokenizer_adds_bos=False),
+        LLMBackboneSpec("tiny-gemma", "gemma", None, {**_GEMMA_2B, "hidden_size": 48, "intermediate_size": 96,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16, "vocab_size": 512},
+                        "pure", tokenizer_len=512, tiny_tokenizer_style="gemma"),
     ]
 }
 

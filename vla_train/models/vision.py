@@ -32,6 +32,7 @@ class FeaturizerSpec:
     timm_id: str
     overrides: dict[str, Any] = field(default_factory=dict)
     resize_shorter_side_to_size: bool = False  # the reference's SigLIP / IN1K "do not crop" fix
+    final_layer: bool = False  # features after the last block and final norm (PaliGemma), not the penultimate block
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,15 @@ def _siglip(timm_id: str) -> FeaturizerSpec:
     return FeaturizerSpec(timm_id, resize_shorter_side_to_size=True)
 
 
-def _tiny(timm_id: str, no_crop: bool) -> FeaturizerSpec:
+def _tiny(timm_id: str, no_crop: bool, **extra: Any) -> FeaturizerSpec:
     overrides = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2, "mlp_ratio": 2.0}
-    return FeaturizerSpec(timm_id, overrides=overrides, resize_shorter_side_to_size=no_crop)
+    return FeaturizerSpec(timm_id, overrides={**overrides, **extra.pop("overrides", {})},
+                          resize_shorter_side_to_size=no_crop, **extra)
+
+
+# PaliGemma's (π0's) SigLIP So400m/14: Hugging Face `SiglipVisionModel`'s `last_hidden_state` (every block, then the
+# post-layernorm; tanh-approximated GELU; no attention-pool head), 256 patches at 224 px.
+_PALIGEMMA_SIGLIP = {"act_layer": "gelu_tanh", "global_pool": ""}
 
 
 VISION_BACKBONES: dict[str, VisionBackboneSpec] = {
@@ -86,6 +93,8 @@ VISION_BACKBONES: dict[str, VisionBackboneSpec] = {
             336,
             {"dino": _DINO, "clip": FeaturizerSpec("vit_large_patch14_clip_336.openai", _QUICK_GELU)},
         ),
+        VisionBackboneSpec("paligemma-siglip-224px", 224, {"": FeaturizerSpec(
+            "vit_so400m_patch14_siglip_224.webli", _PALIGEMMA_SIGLIP, final_layer=True)}),
         # Tiny backbones for tests and the demo: a few blocks at 64 px, 8 px patches (64 patches).
         VisionBackboneSpec("tiny-siglip-vit", 64, {"": _tiny("vit_so400m_patch14_siglip_224", no_crop=True)}),
         VisionBackboneSpec(
@@ -96,6 +105,8 @@ VISION_BACKBONES: dict[str, VisionBackboneSpec] = {
                 "siglip": _tiny("vit_so400m_patch14_siglip_224", no_crop=True),
             },
         ),
+        VisionBackboneSpec("tiny-paligemma-siglip", 64, {"": _tiny("vit_so400m_patch14_siglip_224", no_crop=False,
+                                                                   overrides=_PALIGEMMA_SIGLIP, final_layer=True)}),
     ]
 }
 
@@ -119,22 +130,32 @@ def _penultimate_block_forward(self: VisionTransformer, pixel_values: torch.Tens
     return features
 
 
+def _final_layer_forward(self: VisionTransformer, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`[B, 3, S, S]` -> `[B, P, D]`: every block, then the final norm (`forward_features`; no prefix tokens)."""
+    return self.forward_features(pixel_values)[:, self.num_prefix_tokens:]
+
+
 def unused_featurizer_modules(featurizer: VisionTransformer) -> list[nn.Module]:
-    """The modules with parameters that `_penultimate_block_forward` never calls: the last block, then the final
-    norm, `fc_norm`, SigLIP's attention pool and the head, where present."""
-    tail = [getattr(featurizer, name, None) for name in UNUSED_TAIL_NAMES]
-    return [featurizer.blocks[-1], *(m for m in tail if m is not None and any(True for _ in m.parameters()))]
+    """The modules with parameters that the featurizer's forward never calls: for the penultimate-block forward the
+    last block, then the final norm, `fc_norm`, SigLIP's attention pool and the head, where present; for a
+    final-layer featurizer only the modules after the final norm."""
+    final = getattr(featurizer, "final_layer", False)
+    tail = [getattr(featurizer, name, None) for name in UNUSED_TAIL_NAMES[1 if final else 0:]]
+    used = [] if final else [featurizer.blocks[-1]]
+    return [*used, *(m for m in tail if m is not None and any(True for _ in m.parameters()))]
 
 
 def build_featurizer(spec: FeaturizerSpec, image_size: int) -> VisionTransformer:
-    """A timm ViT (`pretrained=False`, no head) whose `forward` returns penultimate-block patch features.
+    """A timm ViT (`pretrained=False`, no head) whose `forward` returns penultimate-block patch features (or, with
+    `spec.final_layer`, the final-norm features).
 
     `forward` itself is replaced (not a wrapper method) so that FSDP and hooks see the real computation.
     """
     model = timm.create_model(spec.timm_id, pretrained=False, num_classes=0, img_size=image_size, **spec.overrides)
     if len(model.blocks) < 2:
         raise ValueError(f"Featurizer {spec.timm_id!r} needs at least 2 blocks, has {len(model.blocks)}.")
-    model.forward = types.MethodType(_penultimate_block_forward, model)
+    model.final_layer = spec.final_layer
+    model.forward = types.MethodType(_final_layer_forward if spec.final_layer else _penultimate_block_forward, model)
     return model.eval()
 
 
@@ -212,7 +233,7 @@ class VisionBackbone(nn.Module):
         units: list[nn.Module] = []
         for featurizer in self.featurizers:
             units.extend(featurizer.blocks)
-            units.extend(unused_featurizer_modules(featurizer)[1:])  # [0] is the last block, already a unit
+            units.extend(m for m in unused_featurizer_modules(featurizer) if m is not featurizer.blocks[-1])
             units.append(featurizer)
         return units
 

@@ -19,10 +19,28 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from vla_train.data.collator import stack_sharing
-from vla_train.data.sample import DataNeeds, sample_from_frame
+from vla_train.data.sample import DataNeeds, Sample, sample_from_frame
 from vla_train.models.action_tokenizer import ActionTokenizer
 from vla_train.models.prompts import PromptBuilder
 from vla_train.models.vla_prompt import vla_training_ids
+
+
+def chunk_sample_tensors(sample: Sample, cameras: tuple[str, ...], image_transform: Any,
+                         uint8_pixels: bool) -> dict[str, Any]:
+    """A chunk sample's tensors besides the text: the cameras' pixels stacked on a camera axis (`[C, ...]` per
+    featurizer key), `actions [H, A]`, `action_mask [H]`, `proprio [P]` when the sample has it, and its dataset."""
+    images = [sample.images[role] for role in cameras]
+    if uint8_pixels:
+        pixels = [image_transform.to_uint8(image) for image in images]
+    else:
+        pixels = [image_transform(Image.fromarray(image)) for image in images]
+    item = {"pixel_values": stack_sharing(pixels, torch.stack),
+            "actions": torch.from_numpy(np.ascontiguousarray(sample.actions, dtype=np.float32)),
+            "action_mask": torch.from_numpy(np.ascontiguousarray(sample.action_mask, dtype=bool)),
+            "dataset_name": sample.dataset_name}
+    if sample.proprio is not None:
+        item["proprio"] = torch.from_numpy(np.ascontiguousarray(sample.proprio, dtype=np.float32))
+    return item
 
 
 @dataclass
@@ -47,19 +65,6 @@ class ChunkBatchTransform:
             chunk_ids = self.action_tokenizer.encode_to_ids(sample.actions).reshape(-1)  # [H * A], step-major
             input_ids, labels = vla_training_ids(self.prompt_builder_fn, self.base_tokenizer, sample.instruction,
                                                  chunk_ids, predict_stop_token=True)
-        images = [sample.images[role] for role in self.needs.cameras]
-        if self.uint8_pixels:
-            pixels = [self.image_transform.to_uint8(image) for image in images]
-        else:
-            pixels = [self.image_transform(Image.fromarray(image)) for image in images]
-        item = {
-            "pixel_values": stack_sharing(pixels, torch.stack),  # [C, ...] per featurizer key
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "actions": torch.from_numpy(np.ascontiguousarray(sample.actions, dtype=np.float32)),
-            "action_mask": torch.from_numpy(np.ascontiguousarray(sample.action_mask, dtype=bool)),
-            "dataset_name": sample.dataset_name,
-        }
-        if sample.proprio is not None:
-            item["proprio"] = torch.from_numpy(np.ascontiguousarray(sample.proprio, dtype=np.float32))
-        return item
+        return {"input_ids": torch.tensor(input_ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                **chunk_sample_tensors(sample, self.needs.cameras, self.image_transform, self.uint8_pixels)}

@@ -10,8 +10,10 @@ One save writes, under `run_dir/checkpoints/` (facts §1.4, §4.7, §9.4; fixes 
   written last, so a directory with the final name is always complete and discovery ignores everything else.
 - `step-XXXXXX-epoch-XX-loss=X.XXXX.pt` (optional, `save_consolidated`): `{"model": {"vision_backbone", "projector",
   "llm_backbone"}}` in FP32 full tensors (a rank-0 gather), loadable by `vla_train.models.run_dir.load_run_dir` and by
-  reference tooling; `latest-checkpoint.pt` is atomically re-pointed (hard link, else copy) at the newest one. A
-  checkpoint without it is consolidated offline on demand (`checkpoint_io.consolidate_checkpoint`, e.g. by export).
+  reference tooling; with an EMA (`states["ema"]`, `--vla.ema_decay`) its weights are written as the trainable
+  weights (what openpi exports; the trained weights stay in the sharded checkpoint). `latest-checkpoint.pt` is
+  atomically re-pointed (hard link, else copy) at the newest one. A checkpoint without it is consolidated offline on
+  demand (`checkpoint_io.consolidate_checkpoint`, e.g. by export; it reads the `model` tensors only, not the EMA).
 
 Async saves (`async_save=True`): the state is staged to CPU memory (a copy: training continues and mutates the model)
 and the rank files are written before `save` returns; the shards are written by a background thread over a dedicated
@@ -62,10 +64,12 @@ from vla_train.training.checkpoint_io import (
     to_blob,
 )
 from vla_train.training.checkpoint_state import (
+    EMA,
     MODEL,
     OPTIMIZER,
     TRAIN_STATE,
     ModelState,
+    check_option_states,
     is_sharded,
 )
 from vla_train.training.distributed import barrier, broadcast_object, run_on_every_rank
@@ -303,12 +307,18 @@ class CheckpointManager(CheckpointDiscovery):
 
     def _save_consolidated(self, states: Mapping[str, Stateful], tmp: Path, rank: int, step: int) -> None:
         """Gather FP32 full tensors to rank 0's CPU (collective) and write the reference `.pt` (and the
-        `consolidated_files`) into `tmp`."""
+        `consolidated_files`) into `tmp`. With `states["ema"]` the EMA weights replace the trainable weights in both
+        (the consolidated model is the averaged one)."""
         model_state = states.get(MODEL)
         if not isinstance(model_state, ModelState):
             raise ValueError(f"A consolidated checkpoint needs states[{MODEL!r}] to be a ModelState.")
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full_state = get_model_state_dict(model_state.model, options=options)  # empty on ranks other than 0
+        ema = states.get(EMA)
+        if ema is not None:  # collective
+            full_state = ema.in_full_state(full_state)
+            logger.info("Consolidated checkpoint of step %d: the EMA weights (decay %g) are written as the model's "
+                        "trainable weights", step, ema.decay)
         if rank == 0:
             if self.consolidated_files is not None:
                 self.consolidated_files(full_state, tmp, step)
@@ -344,13 +354,14 @@ class CheckpointManager(CheckpointDiscovery):
                              "positions and RNG states are per rank. Resume with the same world size.")
         if OPTIMIZER in states and not marker.get("has_optimizer", True):
             raise ValueError(f"{path} was saved without optimizer state; load it without an optimizer state.")
+        saved_keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        check_option_states(path, states, saved_keys)
         rank_file = torch.load(path / rank_file_name(rank), map_location="cpu", weights_only=False)
         if (rank_file["rank"], rank_file["world_size"]) != (rank, world_size):
             raise ValueError(f"{path / rank_file_name(rank)} belongs to rank {rank_file['rank']} of "
                              f"{rank_file['world_size']}, not rank {rank} of {world_size}.")
         saved_rank_states = rank_states(rank_file)
         missing = [key for key in (per_rank_states or {}) if key not in saved_rank_states]
-        saved_keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         missing += [key for key in states if not any(k == key or k.startswith(f"{key}.") for k in saved_keys)]
         if missing:
             saved = marker.get("states", "model, optimizer, scheduler, train_state")

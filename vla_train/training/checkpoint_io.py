@@ -194,7 +194,8 @@ def run_lora_config(run_dir: Path) -> LoRAConfig:
 def consolidate_checkpoint(checkpoint_dir: Path) -> Path:
     """The consolidated `.pt` of a complete DCP checkpoint, written now (single process, no process group) when the
     checkpoint was saved without one: the model's tensors read from the shards, upcast to FP32 (a frozen backbone
-    trained in bf16 is stored as bf16), written atomically next to the directory. Returns the `.pt` path."""
+    trained in bf16 is stored as bf16), the EMA weights laid over the trainable ones when the run kept an EMA (as an
+    online consolidated save writes them), written atomically next to the directory. Returns the `.pt` path."""
     target = consolidated_path(checkpoint_dir)
     if target.is_file():
         return target
@@ -202,10 +203,10 @@ def consolidate_checkpoint(checkpoint_dir: Path) -> Path:
     logger.info("Consolidating %s into %s (it was saved without a consolidated .pt)", checkpoint_dir, target.name)
     loaded: dict[str, Any] = {}
     _load_state_dict(loaded, storage_reader=FileSystemReader(checkpoint_dir),
-                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+                     planner=_EmptyStateDictLoadPlanner(keys={"model", "ema"}), no_dist=True)
     if not loaded.get("model"):
         raise ValueError(f"{checkpoint_dir} holds no model tensors: not a vla-train training checkpoint.")
-    state = loaded["model"]
+    state = {**loaded["model"], **loaded.get("ema", {})}  # the EMA's keys are those of the trainable tensors
     if any(is_lora_key(key) for key in state):  # merged, as a consolidated save writes it
         state = merge_lora_state(state, run_lora_config(checkpoint_dir.parents[1]).scaling)
     atomic_torch_save({"model": split_module_state(state)}, target)

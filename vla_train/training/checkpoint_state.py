@@ -1,13 +1,14 @@
 """The state a checkpoint holds, as a set of `torch.distributed.checkpoint.stateful.Stateful` objects.
 
-`CheckpointManager.save/load` take `states` (one copy for the whole run: model, optimizer, scheduler, train state;
-later EMA) and `per_rank_states` (one copy per rank: data-stream position, RNG states). Adding a piece of state adds
-an entry, not a parameter. Tensor states (`SHARDED = True`: model, optimizer) go into the DCP shards as DTensors
+`CheckpointManager.save/load` take `states` (one copy for the whole run: model, optimizer, scheduler, train state,
+EMA when on) and `per_rank_states` (one copy per rank: data-stream position, RNG states). Adding a piece of state adds
+an entry, not a parameter. Tensor states (`SHARDED = True`: model, optimizer, EMA) go into the DCP shards as DTensors
 (no gather); every other state's `state_dict()` is stored as one opaque blob (rank 0's copy), so it loads back without
 a template of its keys. `training_states` builds the standard set (torchtitan's `ModelWrapper`/`OptimizersContainer`
 pattern: `get_state_dict` / `set_state_dict` inside a Stateful).
 """
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ from torch.optim import Optimizer
 
 from vla_train.training.checkpoint_io import capture_rng_state, restore_rng_state
 
-MODEL, OPTIMIZER, SCHEDULER, TRAIN_STATE = "model", "optimizer", "scheduler", "train_state"
+MODEL, OPTIMIZER, SCHEDULER, TRAIN_STATE, EMA = "model", "optimizer", "scheduler", "train_state", "ema"
 DATA, RNG = "data", "rng"
+# States a run has exactly when an option is on -> that option: a resume must load them iff the checkpoint holds them.
+OPTION_STATES = {EMA: "--vla.ema_decay"}
 
 
 def is_sharded(state: Any) -> bool:
@@ -87,6 +90,24 @@ class OptimizerState(Stateful):
         set_optimizer_state_dict(self.model, self.optimizer, state_dict)
 
 
+def check_option_states(path: Path, states: Mapping[str, Stateful], saved_keys: Iterable[str]) -> None:
+    """A resume (the optimizer is loaded) loads an option's state (`OPTION_STATES`: the EMA) iff the checkpoint at
+    `path` holds it (`saved_keys`: its DCP keys): a run with the option on must not restart it from the weights, one
+    with it off must not silently drop it."""
+    if OPTIMIZER not in states:
+        return
+    saved_keys = list(saved_keys)
+    for key, option in OPTION_STATES.items():
+        saved = any(k.startswith(f"{key}.") for k in saved_keys)
+        if saved and key not in states:
+            raise ValueError(f"{path} was saved with {option} (it holds an {key!r} state) but this run has it off. "
+                             f"Fix: resume with the {option} of the run that saved it (see its config.yaml).")
+        if key in states and not saved:
+            raise ValueError(f"{path} was saved without {option} (it holds no {key!r} state) but this run sets it. "
+                             f"Fix: resume without {option}, or start a new run from its weights with it "
+                             "(--pretrained_checkpoint <checkpoint>.pt --is_resume false).")
+
+
 class ObjectState(Stateful):
     """Any object with `state_dict()` / `load_state_dict()` (LR scheduler, data stream), stored as one blob; the
     object is read at save time (an async save captures the state of the save step)."""
@@ -125,14 +146,20 @@ class RNGState(Stateful):
 
 
 def training_states(model: nn.Module, optimizer: Optimizer | None, scheduler: Any | None,
-                    data_stream: Any | None) -> tuple[dict[str, Stateful], dict[str, Stateful]]:
+                    data_stream: Any | None, ema: Stateful | None = None
+                    ) -> tuple[dict[str, Stateful], dict[str, Stateful]]:
     """The standard set: `(states, per_rank_states)` of a training run. `data_stream`: whatever object the session
-    exposes as its data stream (`state_dict()` / `load_state_dict()`: its position); None leaves it out."""
+    exposes as its data stream (`state_dict()` / `load_state_dict()`: its position); None leaves it out. `ema`: the
+    run's `ModelEMA` (a sharded Stateful, stored under "ema"), None when EMA is off."""
     states: dict[str, Stateful] = {MODEL: ModelState(model)}
     if optimizer is not None:
         states[OPTIMIZER] = OptimizerState(model, optimizer)
     if scheduler is not None:
         states[SCHEDULER] = ObjectState(scheduler)
+    if ema is not None:
+        if not is_sharded(ema):
+            raise TypeError(f"training_states: ema must be a sharded Stateful (a ModelEMA), got {type(ema).__name__}.")
+        states[EMA] = ema
     per_rank: dict[str, Stateful] = {RNG: RNGState()}
     if data_stream is not None:
         per_rank[DATA] = ObjectState(data_stream)

@@ -38,7 +38,7 @@ from transformers import PretrainedConfig
 
 from vla_train.log import logger
 
-GATED_MLP_FAMILIES = ("llama", "mistral", "qwen2")
+GATED_MLP_FAMILIES = ("llama", "mistral", "qwen2", "gemma")
 PLAIN_MLP_FAMILIES = ("phi",)
 
 # Dense (no sparsity) bf16 tensor-core peaks per device, from NVIDIA's datasheets (FLOP/s). Matched against
@@ -95,7 +95,7 @@ class VitDims:
     mlp_matrices: int  # 2 (fc1, fc2), 3 when gated (SwiGLU)
     patch_size: int  # p
     in_chans: int
-    blocks_used: int  # depth - 1 (the output is block depth - 2)
+    blocks_used: int  # depth - 1 (the output is block depth - 2), or depth for a final-layer featurizer (PaliGemma)
 
     @classmethod
     def of(cls, vit: VisionTransformer) -> "VitDims":
@@ -106,7 +106,7 @@ class VitDims:
         patch = vit.patch_embed.patch_size
         return cls(num_patches=vit.patch_embed.num_patches, prefix_tokens=vit.num_prefix_tokens, dim=vit.embed_dim,
                    mlp_hidden=hidden, mlp_matrices=3 if gated else 2, patch_size=patch[0], in_chans=vit.patch_embed
-                   .proj.in_channels, blocks_used=len(vit.blocks) - 1)
+                   .proj.in_channels, blocks_used=len(vit.blocks) - (0 if getattr(vit, "final_layer", False) else 1))
 
     def patch_embed_flops(self) -> int:
         return 2 * self.num_patches * self.in_chans * self.patch_size ** 2 * self.dim

@@ -12,17 +12,19 @@ from functools import partial
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
+from transformers import (
+    get_constant_schedule,
+    get_cosine_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
 
-from vla_train.config.vla import LR_SCHEDULERS
+from vla_train.config.vla import ADAMW_BETAS, ADAMW_EPS, LR_SCHEDULERS
 from vla_train.log import logger
 
 STEP_DECAY_GAMMA = 0.1  # OpenVLA-OFT's MultiStepLR gamma
 
 # Name segments that wrappers insert into parameter names (FSDP1, activation checkpointing, torch.compile).
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-ADAMW_BETAS = (0.9, 0.999)
-ADAMW_EPS = 1e-8
 
 
 def canonical_name(name: str) -> str:
@@ -79,9 +81,11 @@ def split_decay_parameters(
 
 
 def build_optimizer(
-    model: nn.Module, learning_rate: float, weight_decay: float, original_shapes: dict[str, torch.Size]
+    model: nn.Module, learning_rate: float, weight_decay: float, original_shapes: dict[str, torch.Size],
+    betas: tuple[float, float] = ADAMW_BETAS, eps: float = ADAMW_EPS,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: group 0 decays with `weight_decay`, group 1 has weight decay 0.0."""
+    """AdamW(`betas`, `eps`; defaults: `config.vla.ADAMW_BETAS` / `ADAMW_EPS`) over the trainable parameters: group 0
+    decays with `weight_decay`, group 1 has weight decay 0.0."""
     decay, no_decay = split_decay_parameters(model, original_shapes)
     if not decay and not no_decay:
         raise ValueError("build_optimizer: the model has no trainable parameters (check the freezing stage).")
@@ -89,10 +93,11 @@ def build_optimizer(
         {"params": [p for _, p in decay], "weight_decay": weight_decay},
         {"params": [p for _, p in no_decay], "weight_decay": 0.0},
     ]
-    logger.info("AdamW: %d decay tensors (%d params, wd=%g), %d no-decay tensors (%d params), lr=%g",
-                len(decay), sum(p.numel() for _, p in decay), weight_decay,
-                len(no_decay), sum(p.numel() for _, p in no_decay), learning_rate)
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=ADAMW_BETAS, eps=ADAMW_EPS)
+    betas = (float(betas[0]), float(betas[1]))
+    logger.info("AdamW: %d decay tensors (%d params, wd=%g), %d no-decay tensors (%d params), lr=%g, betas=%s, "
+                "eps=%g", len(decay), sum(p.numel() for _, p in decay), weight_decay,
+                len(no_decay), sum(p.numel() for _, p in no_decay), learning_rate, betas, eps)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
 
 
 def num_training_steps(max_steps: int | None, epochs: int, dataset_length: int, global_batch_size: int) -> int:
@@ -117,11 +122,12 @@ def step_decay_factor(step: int, decay_steps: int) -> float:
 
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, kind: str, num_training_steps: int, warmup_ratio: float,
-    decay_steps: int | None = None,
+    decay_steps: int | None = None, warmup_steps: int | None = None, min_learning_rate: float | None = None,
 ) -> LambdaLR:
     """`constant`, `linear-warmup+cosine-decay` (linear 0 -> lr over `int(steps * warmup_ratio)` steps, then a
-    half-cosine down to 0 at `num_training_steps`) or `step-decay` (OpenVLA-OFT's MultiStepLR: the lr, x0.1 from step
-    `decay_steps` on).
+    half-cosine down to 0 at `num_training_steps`), `step-decay` (OpenVLA-OFT's MultiStepLR: the lr, x0.1 from step
+    `decay_steps` on) or `warmup-steps+cosine-to-min` (openpi's CosineDecaySchedule: linear 0 -> lr over
+    `warmup_steps` steps, then a half-cosine down to `min_learning_rate` at `num_training_steps`).
 
     The schedule is a pure function of the step: `state_dict()` / `load_state_dict()` restore it exactly (the current
     lr itself lives in the optimizer's state dict, restored alongside).
@@ -139,4 +145,24 @@ def build_lr_scheduler(
         if decay_steps is None or decay_steps < 1:
             raise ValueError(f"step-decay needs a positive lr_decay_steps, got {decay_steps}.")
         return LambdaLR(optimizer, partial(step_decay_factor, decay_steps=decay_steps))
+    if kind == "warmup-steps+cosine-to-min":
+        return _warmup_steps_cosine_to_min(optimizer, num_training_steps, warmup_steps, min_learning_rate)
     raise ValueError(f"Unknown lr_scheduler_type {kind!r}; choose one of {list(LR_SCHEDULERS)}.")
+
+
+def _warmup_steps_cosine_to_min(optimizer: torch.optim.Optimizer, num_training_steps: int, warmup_steps: int | None,
+                                min_learning_rate: float | None) -> LambdaLR:
+    """transformers' cosine-with-min-lr schedule; the lr factor at step t (W = warmup_steps, T = num_training_steps,
+    r = min_learning_rate / lr) is t / W for t < W, else r + (1 - r) * 0.5 * (1 + cos(pi * (t - W) / (T - W)))."""
+    if warmup_steps is None or min_learning_rate is None:
+        raise ValueError("warmup-steps+cosine-to-min needs warmup_steps and min_learning_rate. Fix: pass "
+                         "--vla.warmup_steps and --vla.min_learning_rate.")
+    if not 0 <= warmup_steps < num_training_steps:
+        raise ValueError(f"warmup_steps = {warmup_steps} is outside [0, {num_training_steps}) (the run's step budget). "
+                         "Fix: pass a smaller --vla.warmup_steps, or a larger --vla.max_steps / --vla.epochs.")
+    peak = optimizer.defaults["lr"]
+    if not 0.0 <= min_learning_rate <= peak:
+        raise ValueError(f"min_learning_rate = {min_learning_rate} is outside [0, learning_rate = {peak}]. Fix: pass "
+                         "--vla.min_learning_rate in that range.")
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, num_training_steps,
+                                                       min_lr=min_learning_rate)

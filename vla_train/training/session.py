@@ -25,6 +25,7 @@ from vla_train.training.checkpoint import CheckpointManager
 from vla_train.training.checkpoint_state import training_states
 from vla_train.training.closed_loop import check_closed_loop_eval
 from vla_train.training.distributed import DistributedContext, init_distributed, run_on_every_rank
+from vla_train.training.ema import ModelEMA
 from vla_train.training.loading import (
     ModelSource,
     base_vlm_source,
@@ -57,6 +58,7 @@ class TrainingSession:
     grad_accumulation_steps: int
     start_step: int = 0
     start_epoch: int = 0
+    ema: ModelEMA | None = None  # EMA of the trainable weights (`--vla.ema_decay`), updated after each optimizer step
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -146,10 +148,12 @@ def _build(cfg: TrainConfig, ctx: DistributedContext, run_id: str, plan: RunPlan
                     checkpoint_vision_blocks=cfg.vla.checkpoint_vision_blocks)
     if is_on_meta(vlm):  # load_model's model (a substitute, e.g. gpu_check's, may come with its weights)
         load_weights(vlm, model_source(cfg), ctx, stream=plan.resume_from is None)  # a resume loads its own
-    optimizer = build_optimizer(vlm, cfg.vla.learning_rate, cfg.vla.weight_decay, shapes)
+    optimizer = build_optimizer(vlm, cfg.vla.learning_rate, cfg.vla.weight_decay, shapes,
+                                betas=tuple(cfg.vla.adam_betas), eps=cfg.vla.adam_eps)
+    ema = ModelEMA(vlm, cfg.vla.ema_decay) if cfg.vla.ema_decay is not None else None  # a resume overwrites it
     total_steps = num_training_steps(cfg.vla.max_steps, cfg.vla.epochs, len(dataset), cfg.vla.global_batch_size)
     scheduler = build_lr_scheduler(optimizer, cfg.vla.lr_scheduler_type, total_steps, cfg.vla.warmup_ratio,
-                                   cfg.vla.lr_decay_steps)
+                                   cfg.vla.lr_decay_steps, cfg.vla.warmup_steps, cfg.vla.min_learning_rate)
     session = TrainingSession(
         cfg=cfg, ctx=ctx, run_id=run_id, run_dir=plan.run_dir, plan=plan, vlm=vlm,
         policy=policy, dataset=dataset, loader=loader, optimizer=optimizer, scheduler=scheduler,
@@ -160,9 +164,10 @@ def _build(cfg: TrainConfig, ctx: DistributedContext, run_id: str, plan: RunPlan
                                                                  dataset_statistics=dataset.dataset_statistics)),
         total_steps=total_steps,
         steps_per_epoch=max(1, len(dataset) // cfg.vla.global_batch_size),
-        grad_accumulation_steps=cfg.vla.grad_accumulation_steps(ctx.world_size))
+        grad_accumulation_steps=cfg.vla.grad_accumulation_steps(ctx.world_size), ema=ema)
     if plan.resume_from is not None:
-        train_state = session.checkpoints.load(plan.resume_from, *training_states(vlm, optimizer, scheduler, dataset))
+        train_state = session.checkpoints.load(plan.resume_from,
+                                               *training_states(vlm, optimizer, scheduler, dataset, ema))
         session.start_step, session.start_epoch = int(train_state["step"]), int(train_state["epoch"])
         logger.info("Resumed exactly from %s at step %d", plan.resume_from, session.start_step)
     logger.info("Run %s: %d steps (%d per epoch), global batch %d = %d per device x %d ranks x %d accumulation",

@@ -171,6 +171,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: Sequence[dict[str, Any
 class Trainer:
     def __init__(self, session: "TrainingSession") -> None:
         self.s = session
+        self.ema = getattr(session, "ema", None)  # TrainingSession.ema; a duck-typed session may have none
         cfg = session.cfg
         hparams = draccus.encode(cfg)  # the same content as config.json, as the reference logs it
         self.trackers = make_trackers(cfg.trackers, session.run_id, session.run_dir, hparams, cfg.wandb_project,
@@ -203,6 +204,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in s.vlm.parameters() if p.requires_grad],
                                                    cfg.vla.max_grad_norm)
         s.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()  # every rank, its own shards: no sync
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         self.throughput.step()
@@ -250,7 +253,7 @@ class Trainer:
         it only with `every`: `--resume` and export work from the sharded checkpoint alone."""
         s = self.s
         loss = result.last_metrics.get(LOSS_KEY)
-        states, per_rank = training_states(s.vlm, s.optimizer, s.scheduler, s.dataset)
+        states, per_rank = training_states(s.vlm, s.optimizer, s.scheduler, s.dataset, self.ema)
         states[TRAIN_STATE] = DictState({"step": step, "epoch": epoch})
         consolidate = False if signal_stop and s.cfg.save_consolidated != "every" else None
         s.checkpoints.save(step, epoch, loss, states, per_rank, final=final, consolidate=consolidate)

@@ -15,7 +15,7 @@ import re
 import torch
 from torch import nn
 
-from vla_train.models.chunk_vlm import HEAD_INIT_SEED, Cameras, ChunkOutput, ChunkVLM, fresh_generator
+from vla_train.models.chunk_vlm import Cameras, ChunkOutput, ChunkVLM, fresh_generator
 from vla_train.models.llm import IGNORE_INDEX, LLMBackbone
 from vla_train.models.oft.film import FiLMedVisionBackbone, apply_film
 from vla_train.models.oft.heads import (
@@ -26,6 +26,7 @@ from vla_train.models.oft.heads import (
     ProprioProjector,
     masked_error_sum,
 )
+from vla_train.models.policy_vlm import HEAD_INIT_SEED
 from vla_train.models.vision import VisionBackbone
 
 HEADS = ("l1", "diffusion")

@@ -1,7 +1,8 @@
 """π0's shared attention: a PaliGemma LLM (Gemma 2B) and a smaller Gemma action expert (300M) attend jointly.
 
-Both stacks are transformers `GemmaModel`s built from configs (no weights): the same depth, heads, KV heads, head
-dim and RoPE theta, their own widths and MLP sizes. At layer i each stack ("expert") takes its own tokens (the VLM the
+The VLM is the LLM backbone's transformers `GemmaModel`; the expert is a stack of `GemmaDecoderLayer`s with the same
+depth, heads, KV heads, head dim and RoPE theta, and its own width and MLP size; layer i of both is one
+`JointDecoderLayer` in the VLM's `layers`. At layer i each stack ("expert") takes its own tokens (the VLM the
 prefix: images then language; the action expert the suffix: state and action tokens) through its own input RMSNorm
 (Gemma's `(1 + weight)` form) and q/k/v projections; the queries, keys and values are concatenated along the sequence
 (prefix first), rotated with RoPE at the given positions (`cumsum(pad_mask) - 1`), and one attention (scale
@@ -64,37 +65,54 @@ def joint_layer(layers: Sequence[GemmaDecoderLayer], hidden: Sequence[torch.Tens
     return outputs, new
 
 
-class JointGemma(nn.Module):
-    """`vlm` (PaliGemma's Gemma: embeddings, layers, norm) and `expert` (the action expert: layers and norm, no
-    embeddings) run layer by layer with shared attention (module docstring)."""
+def check_shared_geometry(vlm_config: GemmaConfig, expert_config: GemmaConfig) -> None:
+    """Raise unless the two experts share depth, heads, KV heads, head dim and RoPE (they attend jointly)."""
+    different = [f"{name} {getattr(vlm_config, name)} vs {getattr(expert_config, name)}" for name in SHARED_FIELDS
+                 if getattr(vlm_config, name) != getattr(expert_config, name)]
+    if different:
+        raise ValueError(f"The VLM and the action expert share attention layer by layer, so they need the same "
+                         f"{', '.join(SHARED_FIELDS)}; they differ in {different}.")
 
-    def __init__(self, vlm_config: GemmaConfig, expert_config: GemmaConfig) -> None:
+
+class JointDecoderLayer(nn.Module):
+    """Layer i of both experts as one module: it adopts the VLM's `GemmaDecoderLayer` children (same names, hence
+    the same state-dict keys: `layers.i.self_attn...`) and owns the action expert's layer i as `expert`
+    (`layers.i.expert...`). It is the FSDP2 and activation-checkpointing unit: one all-gather brings both layers'
+    weights, which the shared attention needs at once (docs/architecture.md, "π0")."""
+
+    def __init__(self, vlm_layer: GemmaDecoderLayer, expert_layer: GemmaDecoderLayer) -> None:
         super().__init__()
-        different = [f"{name} {getattr(vlm_config, name)} vs {getattr(expert_config, name)}" for name in SHARED_FIELDS
-                     if getattr(vlm_config, name) != getattr(expert_config, name)]
-        if different:
-            raise ValueError(f"The VLM and the action expert share attention layer by layer, so they need the same "
-                             f"{', '.join(SHARED_FIELDS)}; they differ in {different}.")
-        self.vlm = GemmaModel(vlm_config)
-        self.expert = GemmaModel(expert_config)
-        self.expert.embed_tokens = None  # the expert reads the suffix embeddings π0 builds
+        for name, child in vlm_layer.named_children():
+            self.add_module(name, child)
+        self.expert = expert_layer
 
     def forward(self, prefix: torch.Tensor | None, suffix: torch.Tensor | None, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, past: Sequence[KV] | None = None, use_cache: bool = False
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[KV] | None]:
-        """`prefix [B, L_p, D_vlm]` / `suffix [B, L_s, D_expert]` embeddings (either may be None), a boolean mask
-        `[B, 1, L, L_past + L]` (True = attend), `position_ids [B, L]`; `past`: a prefix cache from a `use_cache`
-        call. Returns the final-normed prefix and suffix states and, with `use_cache`, each layer's keys / values."""
-        hidden: list[torch.Tensor | None] = [prefix, suffix]
-        reference = prefix if prefix is not None else suffix
-        if reference is None:
-            raise ValueError("JointGemma needs prefix or suffix embeddings.")
-        position_embeddings = self.vlm.rotary_emb(reference, position_ids)
-        cache: list[KV] = []
-        for index, layers in enumerate(zip(self.vlm.layers, self.expert.layers, strict=True)):
-            hidden, kv = joint_layer(layers, hidden, attention_mask, position_embeddings,
-                                     None if past is None else past[index])
-            cache.append(kv)
-        prefix_out = None if hidden[0] is None else self.vlm.norm(hidden[0])
-        suffix_out = None if hidden[1] is None else self.expert.norm(hidden[1])
-        return prefix_out, suffix_out, cache if use_cache else None
+                position_embeddings: tuple[torch.Tensor, torch.Tensor], past: KV | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, KV]:
+        """`joint_layer` over (the VLM's prefix, the expert's suffix); returns both and this call's keys / values."""
+        (prefix, suffix), kv = joint_layer([self, self.expert], [prefix, suffix], attention_mask, position_embeddings,
+                                           past)
+        return prefix, suffix, kv
+
+
+def joint_forward(model: GemmaModel, expert_norm: nn.Module, prefix: torch.Tensor | None,
+                  suffix: torch.Tensor | None, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                  past: Sequence[KV] | None = None, use_cache: bool = False
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[KV] | None]:
+    """Run `model`'s joint layers (`model.layers`: `JointDecoderLayer`s, possibly wrapped) over `prefix [B, L_p,
+    D_vlm]` / `suffix [B, L_s, D_expert]` embeddings (either may be None) with a boolean mask `[B, 1, L, L_past + L]`
+    (True = attend) and `position_ids [B, L]`; `past`: a prefix cache from a `use_cache` call. Returns the
+    final-normed prefix (`model.norm`) and suffix (`expert_norm`) states and, with `use_cache`, each layer's keys /
+    values."""
+    reference = prefix if prefix is not None else suffix
+    if reference is None:
+        raise ValueError("The joint Gemma pass needs prefix or suffix embeddings.")
+    position_embeddings = model.rotary_emb(reference, position_ids)
+    cache: list[KV] = []
+    for index, layer in enumerate(model.layers):
+        prefix, suffix, kv = layer(prefix, suffix, attention_mask, position_embeddings,
+                                   None if past is None else past[index])
+        cache.append(kv)
+    prefix_out = None if prefix is None else model.norm(prefix)
+    suffix_out = None if suffix is None else expert_norm(suffix)
+    return prefix_out, suffix_out, cache if use_cache else None

@@ -17,9 +17,10 @@ here training and inference read the same ones. Loss: L1 on normalized actions o
 import torch
 from torch import nn
 
-from vla_train.models.chunk_vlm import HEAD_INIT_SEED, Cameras, ChunkOutput, ChunkVLM, fresh_generator
+from vla_train.models.chunk_vlm import Cameras, ChunkOutput, ChunkVLM, fresh_generator
 from vla_train.models.llm import LLMBackbone
 from vla_train.models.oft.heads import ProprioProjector, masked_error_sum
+from vla_train.models.policy_vlm import HEAD_INIT_SEED
 from vla_train.models.vision import VisionBackbone
 from vla_train.models.vla_adapter.bridge import BridgeActionHead
 
