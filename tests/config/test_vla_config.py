@@ -40,7 +40,7 @@ def test_registry_holds_reference_and_tiny_entries():
                                                   "tiny-oft-l1", "tiny-oft-diffusion", "tiny-oft-demo",
                                                   "metaworld-oft-tiny", "metaworld-oft-tiny-b7", *VLA_ADAPTER_RECIPES,
                                                   "metaworld-vla-adapter-tiny-b7",
-                                                  "tiny-vla-adapter", "pi0-libero", "tiny-pi0",
+                                                  "tiny-vla-adapter", "pi0-libero", "pi0-libero-lora", "tiny-pi0",
                                                   "metaworld-pi0-tiny-b7"}
 
 
@@ -95,6 +95,21 @@ def test_the_pi0_recipe_carries_openpis_libero_setup():
     policy = cfg.policy
     assert (policy.chunk_length, policy.action_dim, policy.proprio_dim, policy.cameras, policy.max_token_len,
             policy.expert, policy.num_inference_steps) == (50, 7, 8, ["primary", "wrist"], 48, "gemma-300m", 10)
+
+
+def test_the_pi0_lora_recipe_carries_openpis_lora_variants():
+    cfg = get_vla_config("pi0-libero-lora")
+    cfg.validate(8)
+    lora = cfg.lora
+    assert (lora.enabled, lora.rank, lora.alpha, lora.modules, lora.full_modules, lora.rank_pattern) == (
+        True, 16, 16, ["llm_backbone"], ["vision_backbone", "projector"], {r"expert\..*": 32})
+    assert lora.alpha_pattern() == {r"expert\..*": 32.0} and cfg.ema_decay is None
+    lora.full_modules = ["llm_backbone"]
+    with pytest.raises(ValueError, match="\\['llm_backbone'\\] are in both modules"):
+        cfg.validate(8)
+    lora.full_modules, lora.rank_pattern = [], {"expert": 0}
+    with pytest.raises(ValueError, match="rank_pattern\\['expert'\\] = 0 must be an integer >= 1"):
+        cfg.validate(8)
 
 
 def test_vla_adapter_policy_options_are_validated():
@@ -154,7 +169,8 @@ def test_tiny_entries():
         enable_mixed_precision_training=True, reduce_in_full_precision=True, checkpoint_vision_blocks=False,
         policy=dict(predict_stop_token=True), lr_decay_steps=None, adam_betas=(0.9, 0.999), adam_eps=1e-8,
         warmup_steps=None, min_learning_rate=None, ema_decay=None,
-        lora=dict(enabled=False, rank=32, alpha=16, dropout=0.0, targets="all-linear", init="gaussian"))
+        lora=dict(enabled=False, rank=32, alpha=16, dropout=0.0, targets="all-linear", init="gaussian",
+                      modules=["vision_backbone", "projector", "llm_backbone"], full_modules=[], rank_pattern={}))
     assert demo.policy.family == "openvla"
     test = get_vla_config("tiny-test")
     assert (test.base_vlm, test.data_mix, test.shuffle_buffer_size, test.epochs, test.max_steps,

@@ -81,7 +81,7 @@ def test_pi0_resume_reproduces_a_straight_run_exactly(demo_data, tmp_path):
 
 def test_pi0_exports_to_lerobot_imports_back_and_fine_tunes(demo_data, tmp_path):
     """A trained run -> LeRobot's layout (export_hf) -> import -> the same weights and the same predicted chunk;
-    train.py then fine-tunes from the imported checkpoint."""
+    train.py then fine-tunes from the imported checkpoint with openpi-style LoRA (per-expert ranks, SigLIP in full)."""
     runs = tmp_path / "runs"
     assert_ok(torchrun(pi0_args(demo_data, runs, "--vla.max_steps", "2")))
     run_dir = _run_dir(runs)
@@ -115,8 +115,15 @@ def test_pi0_exports_to_lerobot_imports_back_and_fine_tunes(demo_data, tmp_path)
         assert response.status_code == 200, response.text
         np.testing.assert_allclose(np.asarray(response.json()), expected, rtol=1e-5, atol=1e-6)
 
+    lora = ["--vla.lora.enabled", "true", "--vla.lora.modules", "[llm_backbone]", "--vla.lora.full_modules",
+            "[vision_backbone, projector]", "--vla.lora.rank", "4", "--vla.lora.alpha", "4", "--vla.lora.rank_pattern",
+            "{'expert\\..*': 8}"]  # openpi's LoRA variants at test size: the expert's rank twice the VLM's
     result = torchrun(pi0_args(demo_data, tmp_path / "finetune", "--vla.max_steps", "2", "--pretrained_checkpoint",
-                               str(checkpoint), "--is_resume", "false"))
+                               str(checkpoint), "--is_resume", "false", *lora))
     assert_ok(result)
     assert f"from {checkpoint}" in result.stderr
-    assert sorted(step_losses(_run_dir(tmp_path / "finetune"))) == [1, 2]
+    assert "with LoRA r=4 (expert\\..*: r=8) (adapters, ['vision_backbone', 'projector'] in full)" in result.stderr
+    finetuned = _run_dir(tmp_path / "finetune")
+    assert sorted(step_losses(finetuned)) == [1, 2]
+    merged = load_run_dir(finetuned)  # the consolidated checkpoint: merged adapters, loadable without peft
+    assert isinstance(merged, Pi0VLM) and not any("lora_" in key for key in merged.state_dict())

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from vla_train.config.model import get_model_config
+from vla_train.config.pi0 import pi0_lora
 from vla_train.config.policy import Pi0PolicyConfig
 from vla_train.models.build import build_vlm
+from vla_train.models.freezing import freeze_backbones
+from vla_train.models.lora import apply_lora, merge_lora_state
 from vla_train.models.pi0.model import PADDED_DIM, Pi0VLM
 
 B, C, T, H, A, Q = 2, 2, 5, 6, 7, 8
@@ -88,8 +91,8 @@ def test_the_new_modules_are_seeded_and_added_state_rebuilds_them():
                for key in added)
     assert "llm_backbone.llm.model.layers.0.self_attn.q_proj.weight" not in added  # the base VLM's own key
     trainable = {id(p) for p in model.always_trainable()}
-    assert id(model.llm_backbone.llm.model.layers[1].expert.mlp.up_proj.weight) in trainable
-    assert id(model.llm_backbone.llm.model.layers[1].mlp.up_proj.weight) not in trainable
+    assert id(model.state_proj.weight) in trainable and id(model.expert_norm.weight) in trainable
+    assert id(model.llm_backbone.llm.model.layers[1].expert.mlp.up_proj.weight) not in trainable  # the LLM's stage
 
 
 def test_a_base_that_is_not_gemma_or_too_wide_actions_are_refused():
@@ -129,3 +132,34 @@ def test_the_full_size_model_builds_on_the_meta_device_with_the_expected_paramet
     assert layer.mlp.gate_proj.weight.shape == (16384, 2048) and layer.expert.mlp.gate_proj.weight.shape == (4096, 1024)
     assert layer.self_attn.k_proj.weight.shape == (256, 2048) and layer.expert.self_attn.q_proj.weight.shape == (2048,
                                                                                                                  1024)
+
+
+def test_openpis_lora_variants_adapt_both_experts_with_their_ranks_and_merge_exactly():
+    model = tiny_pi0()
+    names = apply_lora(model, pi0_lora())
+    freeze_backbones(model, "vla-full-train")
+    layer = model.llm_backbone.llm.model.layers[0]
+    assert layer.self_attn.q_proj.lora_A["default"].weight.shape == (16, 48)  # PaliGemma's Gemma: r=16
+    assert layer.expert.self_attn.q_proj.lora_A["default"].weight.shape == (32, 32)  # the action expert: r=32
+    assert names and all(name.startswith("llm_backbone.") for name in names)  # SigLIP and projector: no adapters
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {name for name, _ in model.named_parameters() if name.startswith(("vision_backbone.", "projector."))} \
+        <= trainable  # trained in full beside the adapters, as openpi's LoRA recipe
+    assert "llm_backbone.llm.model.layers.0.expert.mlp.up_proj.base_layer.weight" not in trainable
+    assert "llm_backbone.llm.model.layers.0.self_attn.q_proj.base_layer.weight" not in trainable
+    assert {"state_proj.weight", "llm_backbone.llm.model.layers.0.expert.mlp.up_proj.lora_B.default.weight"} \
+        <= trainable
+    added = model.added_state()  # std 1 / r per adapter, with the adapter's own rank
+    vlm_a = added["llm_backbone.llm.model.layers.0.mlp.up_proj.lora_A.default.weight"]
+    expert_a = added["llm_backbone.llm.model.layers.0.expert.mlp.up_proj.lora_A.default.weight"]
+    assert abs(vlm_a.std().item() - 1 / 16) < 0.01 and abs(expert_a.std().item() - 1 / 32) < 0.005
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    merged = tiny_pi0(seed=5)
+    merged.load_state_dict(merge_lora_state(model.state_dict(), model.lora.scaling), strict=True)
+    inputs = pi0_inputs()
+    expected = model.eval().sample_actions(**inputs, generator=torch.Generator().manual_seed(4), num_steps=2)
+    got = merged.sample_actions(**inputs, generator=torch.Generator().manual_seed(4), num_steps=2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

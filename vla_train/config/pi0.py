@@ -13,6 +13,7 @@ demo).
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vla_train.config.lora import LoRAConfig
 from vla_train.config.policy import Pi0PolicyConfig, PolicyConfig
 from vla_train.config.vla import VLAConfig
 
@@ -50,6 +51,24 @@ class Pi0_LIBERO(VLAConfig):
     warmup_steps: int | None = 1_000
     min_learning_rate: float | None = 2.5e-6
     ema_decay: float | None = 0.99
+
+
+def pi0_lora() -> LoRAConfig:
+    """openpi's π0 LoRA variants: adapters on every linear layer of both Gemma stacks, r=16 for PaliGemma's Gemma
+    (`gemma_2b_lora`) and r=32 for the action expert (`gemma_300m_lora`), alpha = r; SigLIP and the projector train in
+    full, the suffix projections too (always)."""
+    return LoRAConfig(enabled=True, rank=16, alpha=16, modules=["llm_backbone"],
+                      full_modules=["vision_backbone", "projector"], rank_pattern={r"expert\..*": 32})
+
+
+@VLAConfig.register_subclass("pi0-libero-lora")
+@dataclass
+class Pi0_LIBERO_LoRA(Pi0_LIBERO):
+    """π0 on LIBERO with openpi's LoRA variants (`pi0_libero_low_mem_finetune`: no EMA), for one smaller GPU."""
+
+    vla_id: str = "pi0-libero-lora"
+    lora: LoRAConfig = field(default_factory=pi0_lora)
+    ema_decay: float | None = None
 
 
 def _tiny_policy() -> PolicyConfig:

@@ -9,7 +9,8 @@
 | `align` | frozen | train | frozen |
 
 "Last layer" = the LLM's input embeddings, final decoder layer and output head (the final norm stays frozen).
-With LoRA (`vlm.lora`), every base weight is frozen and the adapters train, in every stage.
+With LoRA (`vlm.lora`), every base weight is frozen and the adapters train, in every stage, except the base modules
+the LoRA config trains in full (`full_modules`: π0's SigLIP and projector).
 A policy family's own modules (`vlm.always_trainable()`: OFT's heads, projectors and FiLM projections) train in
 every stage; FiLM in a frozen ViT keeps the vision gradient path on (only the projections update).
 In every stage, the vision modules the forward never calls (each featurizer's last block, final norm, attention pool
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vla_train.config.lora import LoRAConfig
 from vla_train.log import logger
 from vla_train.models.lora import lora_parameters
 from vla_train.models.vlm import PrismaticVLM
@@ -77,6 +79,8 @@ def freeze_backbones(vlm: PrismaticVLM, stage: str) -> None:
         adapters = {id(param) for param in lora_parameters(vlm)}
         for param in vlm.parameters():
             param.requires_grad_(id(param) in adapters)
+        for key in vlm.lora.full_modules:  # e.g. π0's SigLIP and projector, trained in full beside the adapters
+            getattr(vlm, key).requires_grad_(True)  # the vision backbone keeps its unused modules frozen
     for param in vlm.always_trainable():  # a policy's heads, projectors, FiLM: trained in every stage
         param.requires_grad_(True)
     for param in vlm.unused_parameters():  # never reached by the policy's forward (OFT: the LM head)
@@ -92,5 +96,15 @@ def freeze_backbones(vlm: PrismaticVLM, stage: str) -> None:
         key for key in vlm.all_module_keys if key not in dict(base_keys)]
     total, trainable = count_parameters(vlm)
     logger.info("Stage %s%s: trainable modules %s; # parameters (in millions): %.3f total, %.3f trainable",
-                stage, "" if vlm.lora is None else f" with LoRA r={vlm.lora.rank} (adapters only)",
+                stage, _lora_note(vlm.lora),
                 vlm.trainable_module_keys, total / 1e6, trainable / 1e6)
+
+
+def _lora_note(lora: LoRAConfig | None) -> str:
+    """The stage log's LoRA note: the rank (and per-layer ranks) and what trains beside the adapters."""
+    if lora is None:
+        return ""
+    ranks = f"r={lora.rank}" + (f" ({', '.join(f'{k}: r={v}' for k, v in lora.rank_pattern.items())})"
+                                if lora.rank_pattern else "")
+    return f" with LoRA {ranks} " + (f"(adapters, {lora.full_modules} in full)" if lora.full_modules
+                                     else "(adapters only)")

@@ -7,6 +7,10 @@ wrapper, so the model's own keys stay, each adapted Linear's weight moving to `<
 vision backbone, projector and LLM that the forward reaches (not the ViT's never-run last block), except the LM head
 (as peft's "all-linear") and what the policy trains in full (heads, projectors, FiLM).
 
+`config.modules` names the base modules that get adapters (default all three), `config.full_modules` those that train
+in full beside them (`models/freezing.py`), `config.rank_pattern` per-layer ranks (peft's, with alphas scaled so that
+every adapter has the scale alpha / r: one scaling merges them all).
+
 Checkpoints: training checkpoints hold the adapted model (exact resume); a consolidated `.pt` holds the merged
 weights (`merge_lora_state`: W + alpha/r * B @ A under the plain keys), which every loader reads without peft.
 """
@@ -32,7 +36,7 @@ def lora_target_names(model: PrismaticVLM, config: LoRAConfig) -> list[str]:
     excluded |= {id(p) for module in model.vision_backbone.unused_modules() for p in module.parameters()}
     suffixes = config.target_suffixes()
     names = []
-    for key in ALL_MODULE_KEYS:
+    for key in (key for key in ALL_MODULE_KEYS if key in config.modules):
         for name, module in getattr(model, key).named_modules():
             full = f"{key}.{name}"
             if not isinstance(module, nn.Linear) or any(id(p) in excluded for p in module.parameters()):
@@ -52,7 +56,8 @@ def apply_lora(model: PrismaticVLM, config: LoRAConfig) -> list[str]:
         raise ValueError(f"--vla.lora.targets {config.targets!r} matches no linear layer of the model's vision "
                          "backbone, projector or LLM. Fix: pass all-linear or suffixes such as q_proj,v_proj.")
     peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                             target_modules=names, init_lora_weights="gaussian" if config.init == "gaussian" else True)
+                             target_modules=names, init_lora_weights="gaussian" if config.init == "gaussian" else True,
+                             rank_pattern=dict(config.rank_pattern), alpha_pattern=config.alpha_pattern())
     inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
     model.lora = config
     return names
@@ -72,7 +77,8 @@ def lora_base_key(key: str) -> str:
 
 
 def lora_initial_state(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
-    """The adapters' initial values (CPU, FP32) in state-dict order: lora_A gaussian (std 1/r, peft's "gaussian")
+    """The adapters' initial values (CPU, FP32) in state-dict order: lora_A gaussian (std 1/r with the adapter's own r,
+    peft's "gaussian")
     or kaiming-uniform (peft's default), lora_B zeros (so the adapted model starts equal to the base). Drawn from
     one generator seeded with `LORA_INIT_SEED`, so every rank and every device gets the same values (peft's own init
     runs on the model's device, the meta device when training builds it)."""
@@ -82,7 +88,7 @@ def lora_initial_state(model: nn.Module, config: LoRAConfig) -> dict[str, torch.
         if key.endswith(_A):
             values = torch.empty(tensor.shape)
             if config.init == "gaussian":
-                values.normal_(0.0, 1.0 / config.rank, generator=generator)
+                values.normal_(0.0, 1.0 / tensor.shape[0], generator=generator)  # lora_A is [r, in]
             else:  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
                 bound = 1.0 / math.sqrt(tensor.shape[1])
                 values.uniform_(-bound, bound, generator=generator)

@@ -8,7 +8,9 @@ tokens are padding. Suffix: `state_proj(state)` (its own block), then `action_ti
 [action_in_proj(x_t), time_embedding(t)])))` (one bidirectional block). Mask: openpi's cumulative block rule
 (`models/attention.py`), positions `cumsum(pad) - 1`. Output: `action_out_proj` on the action tokens' expert states.
 The expert's layer i lives in the VLM's layer i (`JointDecoderLayer`: keys `llm_backbone.llm.model.layers.i.expert.*`),
-its final norm is `expert_norm`. Facts: docs/pi0_facts.md.
+its final norm is `expert_norm`. The expert's layers are part of the LLM backbone, as both experts are openpi's `llm`:
+they train when the stage trains the LLM and get LoRA adapters with it (the suffix projections and `expert_norm`
+train in every stage). Facts: docs/pi0_facts.md.
 """
 
 from typing import Any
@@ -96,11 +98,6 @@ class Pi0VLM(PolicyVLM):
     def _extra_added_state(self) -> dict[str, torch.Tensor]:
         return {f"llm_backbone.llm.model.layers.{index}.expert.{name}": tensor
                 for index, layer in enumerate(self._expert_layers()) for name, tensor in layer.state_dict().items()}
-
-    def always_trainable(self) -> list[nn.Parameter]:
-        """The suffix projections, the expert's final norm and its layers train in every stage."""
-        expert = [p for name, p in self.llm_backbone.named_parameters() if ".expert." in name]
-        return [*super().always_trainable(), *expert]
 
     def unused_parameters(self) -> list[nn.Parameter]:
         """What only the prefix's outputs after the last layer would read, which nothing reads (the suffix uses each
