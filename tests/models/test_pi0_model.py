@@ -150,6 +150,8 @@ def test_openpis_lora_variants_adapt_both_experts_with_their_ranks_and_merge_exa
     assert {"state_proj.weight", "llm_backbone.llm.model.layers.0.expert.mlp.up_proj.lora_B.default.weight"} \
         <= trainable
     added = model.added_state()  # std 1 / r per adapter, with the adapter's own rank
+    expert_keys = {key for key in model.state_dict() if ".expert." in key}
+    assert expert_keys <= set(added) <= set(model.state_dict())  # the expert's base weights under `base_layer` keys
     vlm_a = added["llm_backbone.llm.model.layers.0.mlp.up_proj.lora_A.default.weight"]
     expert_a = added["llm_backbone.llm.model.layers.0.expert.mlp.up_proj.lora_A.default.weight"]
     assert abs(vlm_a.std().item() - 1 / 16) < 0.01 and abs(expert_a.std().item() - 1 / 32) < 0.005
@@ -163,3 +165,14 @@ def test_openpis_lora_variants_adapt_both_experts_with_their_ranks_and_merge_exa
     expected = model.eval().sample_actions(**inputs, generator=torch.Generator().manual_seed(4), num_steps=2)
     got = merged.sample_actions(**inputs, generator=torch.Generator().manual_seed(4), num_steps=2)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_time_embedding_keeps_fp32_times_under_bf16_weights():
+    """A bf16 t would move the 4e-3-period features by radians: the bf16 suffix must stay close to the FP32 one."""
+    model = tiny_pi0()
+    state, x_t = torch.randn(B, PADDED_DIM), torch.randn(B, H, PADDED_DIM)
+    t = torch.tensor([0.9, 0.7])
+    reference = model.embed_suffix(state, x_t, t)[0]
+    model.to(torch.bfloat16)
+    got = model.embed_suffix(state, x_t, t)[0].float()
+    assert (got - reference).norm() / reference.norm() < 0.02

@@ -186,6 +186,9 @@ class VLAConfig(draccus.ChoiceRegistry):
                 raise ValueError(f"{' and '.join(given)} only apply to --vla.lr_scheduler_type warmup-steps+cosine-"
                                  f"to-min (this run: {self.lr_scheduler_type}). Fix: drop them, or pass that type.")
             return
+        if self.warmup_ratio:
+            raise ValueError(f"warmup_ratio = {self.warmup_ratio} does not apply to warmup-steps+cosine-to-min, whose "
+                             "warmup is --vla.warmup_steps. Fix: pass --vla.warmup_ratio 0.")
         if self.warmup_steps is None or self.min_learning_rate is None:
             raise ValueError("lr_scheduler_type warmup-steps+cosine-to-min needs warmup_steps and min_learning_rate. "
                              "Fix: pass --vla.warmup_steps N and --vla.min_learning_rate LR (openpi: 1000, 2.5e-6).")

@@ -3,11 +3,14 @@
 - `export_pi0_run(run_dir, out_dir, checkpoint)`: the run's consolidated checkpoint -> `out_dir/model.safetensors`,
   `out_dir/config.json` (LeRobot's `PI0Config` fields: `type` "pi0", `chunk_size`, `n_action_steps`,
   `max_state_dim` / `max_action_dim` 32, `tokenizer_max_length`, `num_steps`; plus a `vla_train` section with the
-  model id and the policy options an import rebuilds from) and the run's `dataset_statistics.json`.
+  model id and the policy options an import rebuilds from) and the run's `dataset_statistics.json`. The weights are
+  LeRobot's; its feature and normalization processor files are not written (LeRobot's own training writes them from
+  its dataset), so a LeRobot user loads the weights into their `PI0Policy` with their dataset's processors.
 - `import_pi0_lerobot(lerobot_dir, out_dir, ...)`: LeRobot π0 weights (e.g. `lerobot/pi0_base` on disk) -> a
   training run directory (`config.json` with the model and the `pi0` policy, `checkpoints/step-000000-epoch-00-
   loss=inf.pt` + `latest-checkpoint.pt` in the native `{"model": {module key: state}}` form): fine-tune from it
-  with `--pretrained_checkpoint <checkpoint> --is_resume false`. Every check runs before the first write.
+  with `--pretrained_checkpoint <checkpoint> --is_resume false`. Every check runs before the first write; the model is
+  built on the meta device (keys and shapes only), so host memory holds one copy of the weights.
 """
 
 import json
@@ -21,11 +24,11 @@ import torch
 from vla_train.atomic_io import atomic_torch_save, atomic_write_json
 from vla_train.config.model import get_model_config, model_config_section
 from vla_train.config.policy import Pi0PolicyConfig, policy_section, read_policy_config
-from vla_train.export.pi0_lerobot import LEROBOT_FILE, load_lerobot, save_lerobot
+from vla_train.export.pi0_lerobot import LEROBOT_FILE, read_lerobot, save_lerobot
 from vla_train.log import logger
 from vla_train.models.build import build_vlm
 from vla_train.models.pi0.model import PADDED_DIM
-from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, load_run_dir
+from vla_train.models.run_dir import CHECKPOINT_SUBDIR, LATEST_CHECKPOINT, check_state_fits, load_run_dir
 from vla_train.training.checkpoint_io import atomic_link_or_copy, checkpoint_name
 
 DATASET_STATISTICS = "dataset_statistics.json"
@@ -90,10 +93,14 @@ def import_pi0_lerobot(lerobot_dir: str | Path, out_dir: str | Path, *, model_id
     model_cfg = get_model_config(model_id or recorded_id or "pi0-paligemma-224px")
     statistics_path = lerobot_dir / DATASET_STATISTICS
     norm_stats = json.loads(statistics_path.read_text()) if statistics_path.is_file() else None
-    model = policy.build_model(build_vlm(model_cfg, vla=norm_stats is not None, norm_stats=norm_stats))
-    load_lerobot(model, lerobot_dir)
-    modules = {key: {name: tensor.detach().float().clone() for name, tensor in getattr(model, key).state_dict().items()}
-               for key in model.all_module_keys}
+    with torch.device("meta"):  # keys and shapes only: the weights come from the file, never initialized here
+        model = policy.build_model(build_vlm(model_cfg))
+    state = read_lerobot(lerobot_dir)
+    check_state_fits(model, state, "π0", lerobot_dir)
+    modules: dict[str, dict[str, torch.Tensor]] = {key: {} for key in model.all_module_keys}
+    for full_key, tensor in state.items():
+        key, _, name = full_key.partition(".")
+        modules[key][name] = tensor.float()
     atomic_torch_save({"model": modules}, checkpoint)
     atomic_link_or_copy(checkpoint, checkpoint.parent / LATEST_CHECKPOINT)
     vla_id = vla_id or lerobot_dir.resolve().name

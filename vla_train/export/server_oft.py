@@ -146,12 +146,15 @@ class OFTActionModel:
         self.model, self.policy = model.eval(), policy
         self.model_id, self.norm_stats = model.model_id, model.norm_stats
         self._tokenizer_lock = threading.Lock()
-        llm = model.llm_backbone
-        self.num_generated = model.num_action_slots + len(model.stop_token_ids)
-        prefix = len(policy.cameras) * model.num_patches + model.num_extra_prefix_tokens
-        self.prompt_limit: PromptLimit | None = prompt_limit_for(
-            llm.get_tokenizer(), getattr(llm.llm.config, "max_position_embeddings", None), prefix,
-            fallback_max_length=llm.llm_max_length)
+        self.num_generated, self.prompt_limit = self.prompt_budget()
+
+    def prompt_budget(self) -> tuple[int, PromptLimit | None]:
+        """The positions after the prompt (slots + stop ids) and the prompt-length limit they leave."""
+        model, llm = self.model, self.model.llm_backbone
+        prefix = len(self.policy.cameras) * model.num_patches + model.num_extra_prefix_tokens
+        num_generated = model.num_action_slots + len(model.stop_token_ids)
+        tokenizer, positions = llm.get_tokenizer(), getattr(llm.llm.config, "max_position_embeddings", None)
+        return num_generated, prompt_limit_for(tokenizer, positions, prefix, fallback_max_length=llm.llm_max_length)
 
     def prompt_ids(self, instruction: str) -> list[int]:
         """The prompt's token ids, as the model's `predict_action` builds them (OpenVLA's prompt prefix)."""
@@ -198,11 +201,8 @@ class Pi0ActionModel(OFTActionModel):
     limit), the same image transforms and proprio normalization as its `predict_action`; every request samples its
     own seeded noise (served alone, as OFT's diffusion head)."""
 
-    def __init__(self, model: Any, policy: ChunkPolicy) -> None:
-        self.model, self.policy = model.eval(), policy
-        self.model_id, self.norm_stats = model.model_id, model.norm_stats
-        self._tokenizer_lock = threading.Lock()
-        self.num_generated, self.prompt_limit = 0, None
+    def prompt_budget(self) -> tuple[int, PromptLimit | None]:
+        return 0, None  # nothing is generated after the prompt, which is truncated to max_token_len
 
     def prompt_ids(self, instruction: str) -> list[int]:
         return pi0_prompt_ids(self.model.llm_backbone.get_tokenizer(), instruction, self.model.max_token_len)

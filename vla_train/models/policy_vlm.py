@@ -71,7 +71,11 @@ class PolicyVLM(PrismaticVLM):
             torch.manual_seed(self.init_seed)
             state |= {f"{key}.{name}": tensor for key, module in self._new_modules().items()
                       for name, tensor in module.state_dict().items()}
-            state |= self._extra_added_state()
+            extra = self._extra_added_state()
+        for key in self.state_dict(keep_vars=True):  # under the model's keys (an adapted Linear's `base_layer`)
+            source = key if key in extra else self.base_checkpoint_key(key)
+            if source in extra:
+                state[key] = extra[source]
         return state
 
     def always_trainable(self) -> list[nn.Parameter]:

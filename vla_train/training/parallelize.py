@@ -22,6 +22,7 @@ inside it: OFT's FiLM projections). With LoRA, every frozen base weight is bf16 
 policy's heads keep FP32 master weights.
 """
 
+import dataclasses
 import warnings
 
 import torch
@@ -67,7 +68,8 @@ def _fully_shard_units(vlm: PrismaticVLM, mesh: DeviceMesh, policy: MixedPrecisi
     last = ([*llm_units, *vlm.policy_fsdp_units()])[-1]
     for unit in (*vlm.vision_backbone.fsdp_units(), vlm.projector, *llm_units, *vlm.policy_fsdp_units()):
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and unit is not last)
-    fully_shard(vlm, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    root_policy = dataclasses.replace(policy, cast_forward_inputs=vlm.root_casts_forward_inputs)
+    fully_shard(vlm, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False)
 
 
 # torch 2.14 warns whenever an FSDP2 unit returns a view (a featurizer's patch tokens are a slice of its output, a

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import GemmaConfig
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm
 
+from vla_train.config.policy import PI0_MAX_DIM
 from vla_train.models.attention import attend_to_self_when_empty, block_causal_pattern
 from vla_train.models.chunk_vlm import ChunkOutput, fresh_generator
 from vla_train.models.llm import LLMBackbone
@@ -29,7 +30,7 @@ from vla_train.models.pi0.joint import KV, JointDecoderLayer, check_shared_geome
 from vla_train.models.policy_vlm import HEAD_INIT_SEED, PolicyVLM
 from vla_train.models.vision import VisionBackbone
 
-PADDED_DIM = 32  # state and actions are zero-padded to 32 dimensions (openpi)
+PADDED_DIM = PI0_MAX_DIM  # state and actions are zero-padded to 32 dimensions (openpi)
 EXPERT_SIZES = {"gemma-300m": (1024, 4096), "tiny": (32, 64)}  # the action expert's (width, MLP size)
 Prefix = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # embeddings [B, L, D_v], pad [B, L], ar [B, L]
 
@@ -55,6 +56,7 @@ def pad_to(x: torch.Tensor, dim: int = PADDED_DIM) -> torch.Tensor:
 class Pi0VLM(PolicyVLM):
     """The π0 network (module docstring); `forward` returns the flow-matching loss, `sample_actions` the chunk."""
 
+    root_casts_forward_inputs = False  # FSDP's root keeps the actions and state FP32 (flow target, time); see below
     new_module_keys = ("expert_norm", "state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out",
                        "action_out_proj")
 
@@ -134,7 +136,8 @@ class Pi0VLM(PolicyVLM):
         dtype = self.state_proj.weight.dtype
         state_token = self.state_proj(state.to(dtype))[:, None]
         actions = self.action_in_proj(x_t.to(dtype))
-        times = time_embedding(t.to(dtype), actions.shape[-1])[:, None].expand_as(actions)
+        # the embedding from FP32 times: a bf16 t would shift the 4e-3 period's phase by radians
+        times = time_embedding(t.float(), actions.shape[-1]).to(dtype)[:, None].expand_as(actions)
         hidden = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([actions, times], dim=-1))))
         embeddings = torch.cat([state_token, hidden], dim=1)
         batch, length = embeddings.shape[:2]
