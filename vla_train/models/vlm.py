@@ -22,6 +22,11 @@ ALL_MODULE_KEYS = ("vision_backbone", "llm_backbone", "projector")
 class PrismaticVLM(nn.Module):
     """A Prismatic VLM; `trainable_module_keys` and `vision_backbone_requires_grad` are set by `freeze_backbones`."""
 
+    # Whether FSDP2's root unit casts the floating-point forward inputs to bf16 under mixed precision (every inner
+    # unit casts its own inputs either way). A family whose root-level math needs its FP32 inputs (π0's flow-matching
+    # target and time embedding) sets False and casts for its root-level modules itself.
+    root_casts_forward_inputs: bool = True
+
     def __init__(self, model_id: str, vision_backbone: VisionBackbone, llm_backbone: LLMBackbone,
                  arch_specifier: str = "gelu-mlp", enable_mixed_precision_training: bool = True) -> None:
         super().__init__()

@@ -56,7 +56,7 @@ def pad_to(x: torch.Tensor, dim: int = PADDED_DIM) -> torch.Tensor:
 class Pi0VLM(PolicyVLM):
     """The π0 network (module docstring); `forward` returns the flow-matching loss, `sample_actions` the chunk."""
 
-    root_casts_forward_inputs = False  # FSDP's root keeps the actions and state FP32 (flow target, time); see below
+    root_casts_forward_inputs = False  # FSDP's root keeps the actions and state FP32 (the flow target, the time)
     new_module_keys = ("expert_norm", "state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out",
                        "action_out_proj")
 
