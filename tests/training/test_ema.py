@@ -189,6 +189,8 @@ def test_sharded_shadows_checkpoint_round_trip_and_consolidated_weights(tmp_path
     fresh, fresh_optimizer, fresh_scheduler, fresh_ema = _sharded_vlm(steps=1)  # other weights, other average
     manager.load(path, *training_states(fresh, fresh_optimizer, fresh_scheduler, None, fresh_ema))
     assert all(torch.equal(_full(t), expected[n]) for n, t in fresh_ema.state_dict().items())
+    with torch.no_grad():  # the root keeps its parameters gathered after a forward: swapped_in reshards first
+        fresh(**_batch(fresh, 9))
     with fresh_ema.swapped_in(fresh):
         swapped = get_model_state_dict(fresh, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         assert all(torch.equal(swapped[key], tensor) for key, tensor in flat.items())

@@ -64,7 +64,7 @@ def _session(tmp_path, total_steps: int, log_interval: int, saves: list, closed:
         dataset=SimpleNamespace(plan=SimpleNamespace(specs=[]), state_dict=dict),
         vlm=SimpleNamespace(num_patches=4, train=lambda: None), policy=_StubPolicy(),
         loader=_Loader(closed),
-        optimizer=None, scheduler=SimpleNamespace(get_last_lr=lambda: [1e-4]),
+        optimizer=None, ema=None, scheduler=SimpleNamespace(get_last_lr=lambda: [1e-4]),
         checkpoints=SimpleNamespace(save=lambda step, epoch, loss, *_, **__: saves.append((step, loss)),
                                     wait=lambda: None, close=lambda: None, last_save_s=None))
 

@@ -13,7 +13,7 @@ One save writes, under `run_dir/checkpoints/` (facts §1.4, §4.7, §9.4; fixes 
   reference tooling; with an EMA (`states["ema"]`, `--vla.ema_decay`) its weights are written as the trainable
   weights (what openpi exports; the trained weights stay in the sharded checkpoint). `latest-checkpoint.pt` is
   atomically re-pointed (hard link, else copy) at the newest one. A checkpoint without it is consolidated offline on
-  demand (`checkpoint_io.consolidate_checkpoint`, e.g. by export; it reads the `model` tensors only, not the EMA).
+  demand (`checkpoint_io.consolidate_checkpoint`, e.g. by export; it lays the EMA over the trainable weights too).
 
 Async saves (`async_save=True`): the state is staged to CPU memory (a copy: training continues and mutates the model)
 and the rank files are written before `save` returns; the shards are written by a background thread over a dedicated

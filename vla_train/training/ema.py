@@ -129,6 +129,7 @@ class ModelEMA(Stateful):
         """Inside the block `model`'s trainable parameters hold the EMA weights; after it (also on an error) the
         trained weights, bit for bit. Costs one copy of this rank's trainable shards; no collective. FSDP2 modules
         are resharded on entry and exit, so that no gathered copy of the other weights is used."""
+        _reshard(model)  # first: a module kept gathered after a forward lists its unsharded parameters
         params, _ = _trainable(model)
         if [id(p) for p in params] != [id(p) for p in self.params]:
             raise ValueError("swapped_in: the model's trainable parameters are not the ones this EMA averages. Fix: "
@@ -136,7 +137,6 @@ class ModelEMA(Stateful):
         with torch.no_grad():
             targets = [_local(p) for p in self.params]
             backup = [t.clone() for t in targets]
-            _reshard(model)
             torch._foreach_copy_(targets, [_local(s) for s in self.shadow])
         try:
             yield model

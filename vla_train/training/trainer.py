@@ -171,7 +171,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: Sequence[dict[str, Any
 class Trainer:
     def __init__(self, session: "TrainingSession") -> None:
         self.s = session
-        self.ema = getattr(session, "ema", None)  # TrainingSession.ema; a duck-typed session may have none
+        self.ema = session.ema  # None without --vla.ema_decay
         cfg = session.cfg
         hparams = draccus.encode(cfg)  # the same content as config.json, as the reference logs it
         self.trackers = make_trackers(cfg.trackers, session.run_id, session.run_dir, hparams, cfg.wandb_project,
